@@ -1,0 +1,44 @@
+-- name: ChangesClaimPending :many
+-- Claims the oldest pending changes of the given targets and marks them
+-- processing. covered says the resource already had processing changes
+-- before this statement, i.e. a job exists that will take these too (its
+-- worker takes every open change of a resource while it holds the lock).
+WITH picked AS (
+    SELECT p.id
+    FROM stagesync.changes p
+    WHERE p.status = 'pending' AND p.target = ANY (@targets::text[])
+    ORDER BY p.id
+    LIMIT @max
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE stagesync.changes c
+SET status = 'processing'
+FROM picked
+WHERE c.id = picked.id
+RETURNING c.id, c.target, c.resource_id,
+    EXISTS (
+        SELECT 1 FROM stagesync.changes o
+        WHERE o.target = c.target AND o.resource_id = c.resource_id
+          AND o.status = 'processing'
+    ) AS covered;
+
+-- name: ChangesListOpen :many
+-- Every open change of the locked resources, in the order they must apply.
+SELECT id, resource_id, op, fields, attempts
+FROM stagesync.changes
+WHERE target = @target
+  AND resource_id = ANY (@resource_ids::text[])
+  AND status IN ('pending', 'processing')
+ORDER BY resource_id, id;
+
+-- name: ChangesRecord :batchexec
+-- Records the outcome for a set of changes: a terminal state, or
+-- 'processing' with the attempt counted when a retry job is scheduled.
+UPDATE stagesync.changes
+SET status = @status,
+    attempts = attempts + @add_attempts,
+    last_error = @last_error,
+    applied_etag = coalesce(@applied_etag, applied_etag),
+    finished_at = CASE WHEN @status::text IN ('pending', 'processing') THEN NULL ELSE now() END
+WHERE id = ANY (@ids::bigint[])
+  AND status IN ('pending', 'processing');
