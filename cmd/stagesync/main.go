@@ -24,7 +24,8 @@ type command struct {
 }
 
 var commands = map[string]command{
-	"migrate": {"apply (up), roll back (down) or list (status) the schema", cmdMigrate},
+	"migrate":  {"apply (up), roll back (down) or list (status) the schema", cmdMigrate},
+	"simulate": {"serve an ETag-enforcing REST API with fault injection (for tests and demos)", cmdSimulate},
 }
 
 func main() {

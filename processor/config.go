@@ -1,0 +1,386 @@
+package processor
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"maps"
+	"net/http"
+	"net/url"
+	"os"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Config is the processor's configuration, read from one YAML file.
+type Config struct {
+	// DatabaseURL is the PostgreSQL URL. Flags and DATABASE_URL override it.
+	DatabaseURL string `yaml:"database_url"`
+	// Listen is the address of /metrics, /healthz, /readyz and the status
+	// page. Defaults to 127.0.0.1:9090 (loopback: the page is not for the
+	// internet).
+	Listen string `yaml:"listen"`
+	// LogFormat is text or json. Defaults to text.
+	LogFormat string `yaml:"log_format"`
+	// Dispatch tunes how pending changes become jobs.
+	Dispatch DispatchConfig `yaml:"dispatch"`
+	// Targets are the remote endpoints, by name (the changes.target value).
+	Targets map[string]*TargetConfig `yaml:"targets"`
+}
+
+// DispatchConfig tunes claiming.
+type DispatchConfig struct {
+	// ClaimBatch is the most changes claimed per transaction. Defaults to 2000.
+	ClaimBatch int `yaml:"claim_batch"`
+	// PollInterval is how often the safety-net periodic job claims pending
+	// changes in case a notification was missed. Defaults to 5s.
+	PollInterval Duration `yaml:"poll_interval"`
+	// RescueAfter is how long a job may run before River assumes its process
+	// died and runs it again. Must exceed the longest job. Defaults to 5m.
+	RescueAfter Duration `yaml:"rescue_after"`
+	// ShutdownGrace bounds how long in-flight work may finish on SIGTERM
+	// before it is cancelled (and its changes left for a retry job).
+	// Defaults to 30s.
+	ShutdownGrace Duration `yaml:"shutdown_grace"`
+}
+
+// TargetConfig configures one remote endpoint.
+type TargetConfig struct {
+	// Name is the map key in Config.Targets.
+	Name string `yaml:"-"`
+	// BaseURL is scheme://host[:port][/prefix], no credentials, no query.
+	BaseURL string `yaml:"base_url"`
+	// ItemPath is the path of one resource with an {id} placeholder, e.g.
+	// /assignments/{id}. The id is path-escaped into it.
+	ItemPath string `yaml:"item_path"`
+	// UpdateMethod is PATCH (send the changed fields) or PUT (send the
+	// stored snapshot with the fields applied). Defaults to PATCH.
+	UpdateMethod string `yaml:"update_method"`
+	// BatchETagPath, if set, is a collection path answering
+	// GET path?ids=a,b,c&fields=id,etag with [{"id":…,"etag":…}].
+	BatchETagPath string `yaml:"batch_etag_path"`
+	// BatchSize is the most resources per job and per batch ETag request.
+	// Defaults to 100.
+	BatchSize int `yaml:"batch_size"`
+	// ConflictStatuses are the statuses that mean "ETag mismatch".
+	// Defaults to [409, 412].
+	ConflictStatuses []int `yaml:"conflict_statuses"`
+	// Auth names an environment variable whose value is sent in a header.
+	// The value is never written to the database, logs or errors.
+	Auth *AuthConfig `yaml:"auth"`
+	// Concurrency is the most requests in flight to this target per
+	// process. Defaults to 8.
+	Concurrency int `yaml:"concurrency"`
+	// Workers is the most jobs of this target run at once per process;
+	// each holds one database connection. Defaults to 4.
+	Workers int `yaml:"workers"`
+	// RateLimit is requests per second per process; 0 means unlimited.
+	RateLimit float64 `yaml:"rate_limit"`
+	// Timeout bounds one HTTP request. Defaults to 10s.
+	Timeout Duration `yaml:"timeout"`
+	// MaxAttempts is how many write attempts a change gets before it ends
+	// dead. Defaults to 10.
+	MaxAttempts int `yaml:"max_attempts"`
+	// Backoff is the retry delay: base·2^(attempt-1) with jitter, capped.
+	Backoff BackoffConfig `yaml:"backoff"`
+	// Merge holds the field policies of the three-way merge.
+	Merge MergeConfig `yaml:"merge"`
+
+	// authValue is the resolved secret.
+	authValue string
+}
+
+// AuthConfig sends Header: Prefix + $Env on every request.
+type AuthConfig struct {
+	// Header defaults to Authorization.
+	Header string `yaml:"header"`
+	// Env is the environment variable holding the credential.
+	Env string `yaml:"env"`
+	// Prefix is prepended to the value, e.g. "Bearer ".
+	Prefix string `yaml:"prefix"`
+}
+
+// BackoffConfig bounds retry delays.
+type BackoffConfig struct {
+	// Base defaults to 1s.
+	Base Duration `yaml:"base"`
+	// Max defaults to 5m.
+	Max Duration `yaml:"max"`
+}
+
+// MergeConfig holds field policies: ours, theirs or manual.
+type MergeConfig struct {
+	// Default applies to fields not listed. Defaults to ours.
+	Default Policy `yaml:"default"`
+	// Fields overrides the policy per field name.
+	Fields map[string]Policy `yaml:"fields"`
+}
+
+// Duration is a time.Duration written as "10s" in YAML.
+type Duration time.Duration
+
+// UnmarshalYAML parses Go duration syntax.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	var s string
+	if err := n.Decode(&s); err != nil {
+		return err
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("line %d: %q is not a duration like 500ms or 10s", n.Line, s)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// D returns the value as a time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// LoadConfig reads and validates a YAML config file. ${VAR} references are
+// expanded from getenv first.
+func LoadConfig(path string, getenv func(string) string) (*Config, error) {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	cfg, err := ParseConfig(raw, getenv)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// ParseConfig parses and validates YAML config text, applying defaults.
+func ParseConfig(raw []byte, getenv func(string) string) (*Config, error) {
+	var missing []string
+	expanded := os.Expand(string(raw), func(name string) string {
+		if name == "$" { // "$$" stays a literal dollar
+			return "$"
+		}
+		v := getenv(name)
+		if v == "" {
+			missing = append(missing, name)
+		}
+		return v
+	})
+	if len(missing) > 0 {
+		return nil, fmt.Errorf("environment variables referenced but not set: %s", strings.Join(missing, ", "))
+	}
+	dec := yaml.NewDecoder(bytes.NewReader([]byte(expanded)))
+	dec.KnownFields(true)
+	var cfg Config
+	if err := dec.Decode(&cfg); err != nil {
+		return nil, fmt.Errorf("parse YAML: %w", err)
+	}
+	if err := cfg.validate(getenv); err != nil {
+		return nil, err
+	}
+	return &cfg, nil
+}
+
+var targetNameRE = regexp.MustCompile(`^[a-z][a-z0-9_-]{0,62}$`)
+
+func (c *Config) validate(getenv func(string) string) error {
+	var errs []error
+	bad := func(key, msg string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", key, fmt.Sprintf(msg, args...)))
+	}
+	if c.Listen == "" {
+		c.Listen = "127.0.0.1:9090"
+	}
+	switch c.LogFormat {
+	case "":
+		c.LogFormat = "text"
+	case "text", "json":
+	default:
+		bad("log_format", "must be text or json, got %q", c.LogFormat)
+	}
+	d := &c.Dispatch
+	defaultInt(&d.ClaimBatch, 2000)
+	defaultDuration(&d.PollInterval, 5*time.Second)
+	defaultDuration(&d.RescueAfter, 5*time.Minute)
+	defaultDuration(&d.ShutdownGrace, 30*time.Second)
+	if d.ClaimBatch < 1 || d.ClaimBatch > 100000 {
+		bad("dispatch.claim_batch", "must be between 1 and 100000")
+	}
+	if d.PollInterval.D() < 100*time.Millisecond {
+		bad("dispatch.poll_interval", "must be at least 100ms")
+	}
+	if d.RescueAfter.D() < time.Second {
+		bad("dispatch.rescue_after", "must be at least 1s")
+	}
+	if d.ShutdownGrace.D() < 0 {
+		bad("dispatch.shutdown_grace", "must not be negative")
+	}
+	if len(c.Targets) == 0 {
+		bad("targets", "at least one target is required")
+	}
+	for _, name := range slices.Sorted(maps.Keys(c.Targets)) {
+		t := c.Targets[name]
+		key := "targets." + name
+		if t == nil {
+			bad(key, "is empty")
+			continue
+		}
+		t.Name = name
+		if !targetNameRE.MatchString(name) {
+			bad(key, "target names must match %s", targetNameRE)
+		}
+		for _, e := range t.validate(getenv) {
+			bad(key+"."+e.key, "%s", e.msg)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+type keyError struct{ key, msg string }
+
+func (t *TargetConfig) validate(getenv func(string) string) []keyError {
+	var errs []keyError
+	bad := func(key, msg string, args ...any) {
+		errs = append(errs, keyError{key, fmt.Sprintf(msg, args...)})
+	}
+	u, err := url.Parse(t.BaseURL)
+	switch {
+	case t.BaseURL == "":
+		bad("base_url", "is required")
+	case err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "":
+		bad("base_url", "must be an http:// or https:// URL with a host")
+	case u.User != nil:
+		bad("base_url", "must not contain credentials; use auth.env")
+	case u.RawQuery != "" || u.Fragment != "":
+		bad("base_url", "must not have a query or fragment")
+	}
+	t.BaseURL = strings.TrimRight(t.BaseURL, "/")
+	if !strings.HasPrefix(t.ItemPath, "/") || strings.Count(t.ItemPath, "{id}") != 1 {
+		bad("item_path", "must start with / and contain {id} exactly once, like /assignments/{id}")
+	}
+	switch t.UpdateMethod {
+	case "":
+		t.UpdateMethod = http.MethodPatch
+	case http.MethodPatch, http.MethodPut:
+	default:
+		bad("update_method", "must be PATCH or PUT, got %q", t.UpdateMethod)
+	}
+	if t.BatchETagPath != "" && (!strings.HasPrefix(t.BatchETagPath, "/") || strings.ContainsAny(t.BatchETagPath, "?#")) {
+		bad("batch_etag_path", "must be a path starting with / and without a query")
+	}
+	defaultInt(&t.BatchSize, 100)
+	if t.BatchSize < 1 || t.BatchSize > 500 {
+		bad("batch_size", "must be between 1 and 500")
+	}
+	if len(t.ConflictStatuses) == 0 {
+		t.ConflictStatuses = []int{http.StatusConflict, http.StatusPreconditionFailed}
+	}
+	for _, s := range t.ConflictStatuses {
+		if s < 400 || s > 499 || s == http.StatusTooManyRequests || s == http.StatusNotFound {
+			bad("conflict_statuses", "%d is not a conflict status (want 4xx other than 404 and 429)", s)
+		}
+	}
+	if t.Auth != nil {
+		if t.Auth.Header == "" {
+			t.Auth.Header = "Authorization"
+		}
+		if t.Auth.Env == "" {
+			bad("auth.env", "is required: name the environment variable that holds the credential")
+		} else if t.authValue = getenv(t.Auth.Env); t.authValue == "" {
+			bad("auth.env", "environment variable %s is not set", t.Auth.Env)
+		}
+		if strings.ContainsAny(t.Auth.Header, " :\r\n") {
+			bad("auth.header", "is not a valid header name")
+		}
+	}
+	defaultInt(&t.Concurrency, 8)
+	if t.Concurrency < 1 || t.Concurrency > 1024 {
+		bad("concurrency", "must be between 1 and 1024")
+	}
+	defaultInt(&t.Workers, 4)
+	if t.Workers < 1 || t.Workers > 256 {
+		bad("workers", "must be between 1 and 256")
+	}
+	if t.RateLimit < 0 {
+		bad("rate_limit", "must be >= 0 (0 means unlimited)")
+	}
+	defaultDuration(&t.Timeout, 10*time.Second)
+	if t.Timeout.D() < time.Millisecond {
+		bad("timeout", "must be at least 1ms")
+	}
+	defaultInt(&t.MaxAttempts, 10)
+	if t.MaxAttempts < 1 || t.MaxAttempts > 1000 {
+		bad("max_attempts", "must be between 1 and 1000")
+	}
+	defaultDuration(&t.Backoff.Base, time.Second)
+	defaultDuration(&t.Backoff.Max, 5*time.Minute)
+	if t.Backoff.Base.D() <= 0 {
+		bad("backoff.base", "must be > 0")
+	}
+	if t.Backoff.Max.D() < t.Backoff.Base.D() {
+		bad("backoff.max", "must be >= backoff.base")
+	}
+	if t.Merge.Default == "" {
+		t.Merge.Default = PolicyOurs
+	}
+	if !t.Merge.Default.valid() {
+		bad("merge.default", "must be ours, theirs or manual, got %q", t.Merge.Default)
+	}
+	for _, f := range slices.Sorted(maps.Keys(t.Merge.Fields)) {
+		if p := t.Merge.Fields[f]; !p.valid() {
+			bad("merge.fields."+f, "must be ours, theirs or manual, got %q", p)
+		}
+	}
+	return errs
+}
+
+// policy returns the merge policy of a field.
+func (t *TargetConfig) policy(field string) Policy {
+	if p, ok := t.Merge.Fields[field]; ok {
+		return p
+	}
+	return t.Merge.Default
+}
+
+func (t *TargetConfig) isConflict(status int) bool {
+	return slices.Contains(t.ConflictStatuses, status)
+}
+
+// Settings is the non-secret part of the target's config, stored in
+// stagesync.targets for operators. The credential itself never appears.
+func (t *TargetConfig) Settings() map[string]any {
+	s := map[string]any{
+		"batch_etag_path":   t.BatchETagPath,
+		"batch_size":        t.BatchSize,
+		"conflict_statuses": t.ConflictStatuses,
+		"concurrency":       t.Concurrency,
+		"workers":           t.Workers,
+		"rate_limit":        t.RateLimit,
+		"timeout":           t.Timeout.D().String(),
+		"max_attempts":      t.MaxAttempts,
+		"backoff":           map[string]string{"base": t.Backoff.Base.D().String(), "max": t.Backoff.Max.D().String()},
+		"merge":             map[string]any{"default": t.Merge.Default, "fields": t.Merge.Fields},
+	}
+	if t.Auth != nil {
+		s["auth"] = map[string]string{"header": t.Auth.Header, "env": t.Auth.Env}
+	}
+	return s
+}
+
+// TargetNames returns the configured target names, sorted.
+func (c *Config) TargetNames() []string {
+	return slices.Sorted(maps.Keys(c.Targets))
+}
+
+func defaultInt(v *int, d int) {
+	if *v == 0 {
+		*v = d
+	}
+}
+
+func defaultDuration(v *Duration, d time.Duration) {
+	if *v == 0 {
+		*v = Duration(d)
+	}
+}

@@ -1,0 +1,171 @@
+package processor
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/riverqueue/river"
+
+	"github.com/stagesync/stagesync/db"
+)
+
+// notifyChannel is where inserts into stagesync.changes (and requeues)
+// notify, from the changes_notify trigger and stagesync.requeue.
+const notifyChannel = "stagesync_changes"
+
+// DispatchArgs is the periodic safety-net job: it claims whatever is
+// pending in case a notification was missed (listener reconnecting,
+// process starting).
+type DispatchArgs struct{}
+
+// Kind implements river.JobArgs.
+func (DispatchArgs) Kind() string { return "stagesync_dispatch" }
+
+type dispatchWorker struct {
+	river.WorkerDefaults[DispatchArgs]
+	p *Processor
+}
+
+func (w *dispatchWorker) Work(ctx context.Context, _ *river.Job[DispatchArgs]) error {
+	_, err := w.p.Claim(ctx)
+	return err
+}
+
+// Claim turns pending changes into apply jobs until none are left: each
+// round claims up to ClaimBatch changes with FOR UPDATE SKIP LOCKED, marks
+// them processing and inserts their jobs in the same transaction, so a
+// claimed change always has a job (or is covered by one already queued for
+// its resource). It returns how many changes it claimed.
+func (p *Processor) Claim(ctx context.Context) (int, error) {
+	total := 0
+	for {
+		n, err := p.claimOnce(ctx)
+		total += n
+		if err != nil || n < p.cfg.Dispatch.ClaimBatch {
+			return total, err
+		}
+	}
+}
+
+func (p *Processor) claimOnce(ctx context.Context) (int, error) {
+	var claimed int
+	err := pgx.BeginFunc(ctx, p.pool, func(tx pgx.Tx) error {
+		rows, err := p.q.ChangesClaimPending(ctx, tx, db.ChangesClaimPendingParams{
+			Targets: p.cfg.TargetNames(), Max: int32(p.cfg.Dispatch.ClaimBatch),
+		})
+		if err != nil {
+			return fmt.Errorf("claim pending changes: %w", err)
+		}
+		claimed = len(rows)
+		if claimed == 0 {
+			return nil
+		}
+		// Resources in first-claimed order per target; a resource whose
+		// earlier changes are still processing is left to that job.
+		type key struct{ target, id string }
+		seen := make(map[key]bool, len(rows))
+		perTarget := map[string][]string{}
+		var targets []string
+		counts := map[string]int{}
+		for _, r := range rows {
+			counts[r.Target]++
+			k := key{r.Target, r.ResourceID}
+			if seen[k] || r.Covered {
+				seen[k] = true
+				continue
+			}
+			seen[k] = true
+			if _, ok := perTarget[r.Target]; !ok {
+				targets = append(targets, r.Target)
+			}
+			perTarget[r.Target] = append(perTarget[r.Target], r.ResourceID)
+		}
+		var jobs []river.InsertManyParams
+		for _, name := range targets {
+			t := p.cfg.Targets[name]
+			ids := perTarget[name]
+			for start := 0; start < len(ids); start += t.BatchSize {
+				end := min(start+t.BatchSize, len(ids))
+				jobs = append(jobs, river.InsertManyParams{
+					Args:       ApplyArgs{Target: name, ResourceIDs: ids[start:end]},
+					InsertOpts: &river.InsertOpts{Queue: queueName(name)},
+				})
+			}
+		}
+		if len(jobs) > 0 {
+			if _, err := p.client.InsertManyTx(ctx, tx, jobs); err != nil {
+				return fmt.Errorf("insert %d apply jobs: %w", len(jobs), err)
+			}
+		}
+		for name, n := range counts {
+			p.metrics.observeClaimed(name, n)
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	return claimed, nil
+}
+
+// listen LISTENs for inserts on a dedicated connection and wakes the
+// claimer. Notifications are coalesced: a burst of 5,000 single-row inserts
+// causes a handful of claims, not 5,000. It reconnects with backoff until
+// ctx ends; the periodic dispatch job covers the gaps.
+func (p *Processor) listen(ctx context.Context, wake chan<- struct{}) {
+	signal := func() {
+		select {
+		case wake <- struct{}{}:
+		default:
+		}
+	}
+	delay := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		err := p.listenOnce(ctx, signal)
+		if ctx.Err() != nil {
+			return
+		}
+		p.logger.WarnContext(ctx, "change listener lost its connection; reconnecting", "error", err, "retry_in", delay)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(delay):
+		}
+		delay = min(delay*2, 10*time.Second)
+	}
+}
+
+func (p *Processor) listenOnce(ctx context.Context, signal func()) error {
+	conn, err := pgx.ConnectConfig(ctx, p.pool.Config().ConnConfig.Copy())
+	if err != nil {
+		return fmt.Errorf("connect listener: %w", err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	if _, err := conn.Exec(ctx, "LISTEN "+notifyChannel); err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	// Anything inserted while we were not listening.
+	signal()
+	for {
+		if _, err := conn.WaitForNotification(ctx); err != nil {
+			return fmt.Errorf("wait for notification: %w", err)
+		}
+		signal()
+	}
+}
+
+// claimLoop claims on every wake-up until ctx ends.
+func (p *Processor) claimLoop(ctx context.Context, wake <-chan struct{}) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-wake:
+		}
+		if _, err := p.Claim(ctx); err != nil && ctx.Err() == nil {
+			p.logger.ErrorContext(ctx, "claim failed; the periodic dispatch will retry", "error", err)
+		}
+	}
+}

@@ -1,0 +1,109 @@
+package remotesim
+
+import (
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+)
+
+// Fault names, as recorded in Request.Fault.
+const (
+	faultReset     = "reset"
+	faultError     = "error"
+	faultRateLimit = "ratelimit"
+)
+
+// Faults are the fault-injection settings that can change while the Sim serves; see the
+// fields of the same names in Options.
+type Faults struct {
+	// ErrorRate is the fraction in [0,1] of API requests answered 500 or 503.
+	ErrorRate float64
+	// RateLimitRate is the fraction in [0,1] of API requests answered 429.
+	RateLimitRate float64
+	// ResetRate is the fraction in [0,1] of API requests whose connection is reset.
+	ResetRate float64
+	// Latency is added to every API request.
+	Latency time.Duration
+}
+
+// problem describes what is wrong with f, or returns "" if f is valid. It is a string,
+// not an error, because invalid Faults are a programming error reported by panic.
+func (f Faults) problem() string {
+	for _, r := range []struct {
+		name string
+		v    float64
+	}{{"ErrorRate", f.ErrorRate}, {"RateLimitRate", f.RateLimitRate}, {"ResetRate", f.ResetRate}} {
+		if !(r.v >= 0 && r.v <= 1) { // also rejects NaN
+			return fmt.Sprintf("%s %v: must be in [0,1]", r.name, r.v)
+		}
+	}
+	if f.Latency < 0 {
+		return fmt.Sprintf("Latency %v: must not be negative", f.Latency)
+	}
+	return ""
+}
+
+// SetFaults replaces the fault rates and latency for requests that arrive from now on. It
+// panics if a rate is outside [0,1] or Latency is negative.
+func (s *Sim) SetFaults(f Faults) {
+	if p := f.problem(); p != "" {
+		panic("remotesim: SetFaults: " + p)
+	}
+	s.mu.Lock()
+	s.faults = f
+	s.mu.Unlock()
+}
+
+// drawFaultLocked decides the fault for one request, in the order reset, error, rate limit.
+// A zero rate draws nothing, so enabling one fault does not shift the others' sequence.
+func (s *Sim) drawFaultLocked() string {
+	f := &s.faults
+	switch {
+	case f.ResetRate > 0 && s.rng.Float64() < f.ResetRate:
+		return faultReset
+	case f.ErrorRate > 0 && s.rng.Float64() < f.ErrorRate:
+		return faultError
+	case f.RateLimitRate > 0 && s.rng.Float64() < f.RateLimitRate:
+		return faultRateLimit
+	}
+	return ""
+}
+
+// errorFault answers an injected error: 500 and 503 alternately, starting with 500.
+func (s *Sim) errorFault() response {
+	s.mu.Lock()
+	s.errorCount++
+	n := s.errorCount
+	s.mu.Unlock()
+	if n%2 == 1 {
+		return response{status: http.StatusInternalServerError, body: bodyInternalError}
+	}
+	return response{status: http.StatusServiceUnavailable, body: bodyServiceUnavailable, retryAfter: true}
+}
+
+// resetConn drops the connection without a response. Linger 0 makes the close a TCP RST,
+// which is what a crashing load balancer looks like to the client.
+func resetConn(w http.ResponseWriter) {
+	conn, _, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		// Not hijackable (e.g. HTTP/2): the server aborts the stream instead.
+		panic(http.ErrAbortHandler)
+	}
+	if tc, ok := conn.(*net.TCPConn); ok {
+		_ = tc.SetLinger(0) // best effort: a plain close still ends the exchange
+	}
+	_ = conn.Close()
+}
+
+// sleep waits d or until the request's context ends; it reports whether d elapsed.
+func sleep(r *http.Request, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-r.Context().Done():
+		return false
+	}
+}
