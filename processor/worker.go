@@ -103,7 +103,9 @@ func (w *applyWorker) Work(ctx context.Context, job *river.Job[ApplyArgs]) error
 	a := &applier{t: t, r: p.remotes[t.Name], now: time.Now}
 	todo := locked
 	for round := 0; len(todo) > 0; round++ {
-		if round == maxRounds {
+		if round == maxRounds || ctx.Err() != nil {
+			// Stopping early: changes claimed meanwhile as "covered" by this
+			// job must not be left processing without one.
 			busy = append(busy, todo...)
 			break
 		}
@@ -134,9 +136,6 @@ func (w *applyWorker) Work(ctx context.Context, job *river.Job[ApplyArgs]) error
 			if rr.retryAt.IsZero() {
 				todo = append(todo, rr.id)
 			}
-		}
-		if ctx.Err() != nil {
-			break
 		}
 	}
 	if len(busy) > 0 {

@@ -25,6 +25,7 @@ type command struct {
 
 var commands = map[string]command{
 	"migrate":  {"apply (up), roll back (down) or list (status) the schema", cmdMigrate},
+	"run":      {"apply staged changes to the configured targets (the main job)", cmdRun},
 	"simulate": {"serve an ETag-enforcing REST API with fault injection (for tests and demos)", cmdSimulate},
 }
 

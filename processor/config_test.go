@@ -1,0 +1,84 @@
+package processor
+
+import (
+	"encoding/json"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+func TestParseConfigAppliesDefaults(t *testing.T) {
+	t.Parallel()
+	cfg, err := ParseConfig([]byte(`
+targets:
+  territory:
+    base_url: https://api.example.test/
+    item_path: /assignments/{id}
+    auth: {env: TOKEN, prefix: "Bearer "}
+`), func(k string) string { return map[string]string{"TOKEN": "s3cret"}[k] })
+	require.NoError(t, err)
+	tc := cfg.Targets["territory"]
+	require.Equal(t, "territory", tc.Name)
+	require.Equal(t, "https://api.example.test", tc.BaseURL)
+	require.Equal(t, "PATCH", tc.UpdateMethod)
+	require.Equal(t, []int{409, 412}, tc.ConflictStatuses)
+	require.Equal(t, 8, tc.Concurrency)
+	require.Equal(t, 10*time.Second, tc.Timeout.D())
+	require.Equal(t, 10, tc.MaxAttempts)
+	require.Equal(t, PolicyOurs, tc.Merge.Default)
+	require.Equal(t, "Authorization", tc.Auth.Header)
+	require.Equal(t, "s3cret", tc.authValue)
+	require.Equal(t, "127.0.0.1:9090", cfg.Listen)
+	settings, err := json.Marshal(tc.Settings())
+	require.NoError(t, err)
+	require.NotContains(t, string(settings), "s3cret", "settings go to the database: no secret")
+	require.Contains(t, string(settings), `"env":"TOKEN"`)
+}
+
+func TestParseConfigErrorsNameTheKey(t *testing.T) {
+	t.Parallel()
+	base := "targets:\n  territory:\n    base_url: http://x.test\n    item_path: /a/{id}\n"
+	tests := []struct{ name, extra, want string }{
+		{"negative rate limit", "    rate_limit: -1\n", "targets.territory.rate_limit: must be >= 0"},
+		{"bad method", "    update_method: POST\n", "targets.territory.update_method: must be PATCH or PUT"},
+		{"bad policy", "    merge: {fields: {owner: mine}}\n", "targets.territory.merge.fields.owner: must be ours, theirs or manual"},
+		{"bad default policy", "    merge: {default: both}\n", "targets.territory.merge.default"},
+		{"bad timeout", "    timeout: soon\n", "is not a duration"},
+		{"unknown key", "    retries: 3\n", "field retries not found"},
+		{"conflict status 200", "    conflict_statuses: [200]\n", "targets.territory.conflict_statuses: 200 is not a conflict status"},
+		{"auth env unset", "    auth: {env: NOPE}\n", "targets.territory.auth.env: environment variable NOPE is not set"},
+		{"backoff max below base", "    backoff: {base: 2s, max: 1s}\n", "targets.territory.backoff.max: must be >= backoff.base"},
+		{"concurrency zero after default", "    concurrency: -2\n", "targets.territory.concurrency: must be between 1 and 1024"},
+		{"batch size too big", "    batch_size: 501\n", "targets.territory.batch_size: must be between 1 and 500"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			_, err := ParseConfig([]byte(base+tt.extra), func(string) string { return "" })
+			require.Error(t, err)
+			require.Contains(t, err.Error(), tt.want)
+		})
+	}
+	t.Run("item path without id", func(t *testing.T) {
+		t.Parallel()
+		_, err := ParseConfig([]byte("targets:\n  t:\n    base_url: http://x.test\n    item_path: /a\n"), func(string) string { return "" })
+		require.ErrorContains(t, err, "targets.t.item_path: must start with / and contain {id}")
+	})
+	t.Run("credentials in base url", func(t *testing.T) {
+		t.Parallel()
+		_, err := ParseConfig([]byte("targets:\n  t:\n    base_url: http://u:pw@x.test\n    item_path: /a/{id}\n"), func(string) string { return "" })
+		require.ErrorContains(t, err, "targets.t.base_url: must not contain credentials")
+		require.NotContains(t, err.Error(), "pw")
+	})
+	t.Run("no targets", func(t *testing.T) {
+		t.Parallel()
+		_, err := ParseConfig([]byte("listen: 127.0.0.1:1\n"), func(string) string { return "" })
+		require.ErrorContains(t, err, "targets: at least one target is required")
+	})
+	t.Run("unset variable in expansion", func(t *testing.T) {
+		t.Parallel()
+		_, err := ParseConfig([]byte(base+"    rate_limit: ${RATE}\n"), func(string) string { return "" })
+		require.ErrorContains(t, err, "environment variables referenced but not set: RATE")
+	})
+}

@@ -1,0 +1,154 @@
+package processor
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+func TestMergeDecidesEachFieldByPolicy(t *testing.T) {
+	t.Parallel()
+	target := &TargetConfig{Merge: MergeConfig{Default: PolicyOurs, Fields: map[string]Policy{
+		"owner": PolicyTheirs, "region": PolicyManual,
+	}}}
+	tests := []struct {
+		name         string
+		base, theirs map[string]any
+		ours         map[string]any
+		want         map[string]Decision
+		wantWrite    map[string]any
+	}{
+		{
+			name:      "remote left the field alone",
+			base:      map[string]any{"owner": "a"},
+			theirs:    map[string]any{"owner": "a"},
+			ours:      map[string]any{"owner": "b"},
+			want:      map[string]Decision{"owner": TookOurs},
+			wantWrite: map[string]any{"owner": "b"},
+		},
+		{
+			name:      "theirs policy keeps a remote edit",
+			base:      map[string]any{"owner": "a"},
+			theirs:    map[string]any{"owner": "user"},
+			ours:      map[string]any{"owner": "b"},
+			want:      map[string]Decision{"owner": KeptTheirs},
+			wantWrite: map[string]any{},
+		},
+		{
+			name:      "ours policy overwrites a remote edit",
+			base:      map[string]any{"status": "new"},
+			theirs:    map[string]any{"status": "user"},
+			ours:      map[string]any{"status": "won"},
+			want:      map[string]Decision{"status": TookOurs},
+			wantWrite: map[string]any{"status": "won"},
+		},
+		{
+			name:      "manual policy asks for review",
+			base:      map[string]any{"region": "eu"},
+			theirs:    map[string]any{"region": "us"},
+			ours:      map[string]any{"region": "apac"},
+			want:      map[string]Decision{"region": NeedsReview},
+			wantWrite: map[string]any{},
+		},
+		{
+			name:      "remote already holds our value",
+			base:      map[string]any{"region": "eu"},
+			theirs:    map[string]any{"region": "apac"},
+			ours:      map[string]any{"region": "apac"},
+			want:      map[string]Decision{"region": AlreadyEqual},
+			wantWrite: map[string]any{},
+		},
+		{
+			name:      "numbers compare as JSON numbers",
+			base:      map[string]any{"n": float64(1)},
+			theirs:    map[string]any{"n": float64(2)},
+			ours:      map[string]any{"n": 2},
+			want:      map[string]Decision{"n": AlreadyEqual},
+			wantWrite: map[string]any{},
+		},
+		{
+			name:      "unknown base counts every difference as theirs",
+			base:      nil,
+			theirs:    map[string]any{"owner": "a", "status": "x"},
+			ours:      map[string]any{"owner": "b", "status": "y"},
+			want:      map[string]Decision{"owner": KeptTheirs, "status": TookOurs},
+			wantWrite: map[string]any{"status": "y"},
+		},
+		{
+			name:      "field added remotely is a remote edit",
+			base:      map[string]any{},
+			theirs:    map[string]any{"owner": "user"},
+			ours:      map[string]any{"owner": "b"},
+			want:      map[string]Decision{"owner": KeptTheirs},
+			wantWrite: map[string]any{},
+		},
+		{
+			name:      "removing an absent field is already equal",
+			base:      map[string]any{},
+			theirs:    map[string]any{},
+			ours:      map[string]any{"note": nil},
+			want:      map[string]Decision{"note": AlreadyEqual},
+			wantWrite: map[string]any{},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			got := merge(target, tt.base, tt.ours, tt.theirs)
+			require.Equal(t, tt.want, got.decisions)
+			require.Equal(t, tt.wantWrite, got.write)
+		})
+	}
+}
+
+func TestSegmentsCoalesceInOrder(t *testing.T) {
+	t.Parallel()
+	ops := func(segs [][]openChange) [][]int64 {
+		var out [][]int64
+		for _, s := range segs {
+			out = append(out, changeIDs(s))
+		}
+		return out
+	}
+	cs := []openChange{
+		{id: 1, op: "update"}, {id: 2, op: "update"}, {id: 3, op: "delete"}, {id: 4, op: "update"},
+		{id: 5, op: "create"}, {id: 6, op: "update"}, {id: 7, op: "delete"}, {id: 8, op: "delete"},
+	}
+	require.Equal(t, [][]int64{{1, 2}, {3}, {4}, {5, 6}, {7}, {8}}, ops(segments(cs)))
+
+	folded := fold([]openChange{
+		{fields: map[string]any{"a": 1, "b": 1}},
+		{fields: map[string]any{"b": 2}},
+	})
+	require.Equal(t, map[string]any{"a": 1, "b": 2}, folded, "later changes must win")
+}
+
+func TestBackoffGrowsWithJitterAndCap(t *testing.T) {
+	t.Parallel()
+	for attempt := 1; attempt <= 12; attempt++ {
+		want := min(100*(1<<(attempt-1)), 2000) // milliseconds
+		for range 50 {
+			got := backoff(100e6, 2000e6, attempt).Milliseconds()
+			require.GreaterOrEqual(t, got, int64(want/2), "attempt %d", attempt)
+			require.LessOrEqual(t, got, int64(want), "attempt %d", attempt)
+		}
+	}
+}
+
+func TestItemURLEscapesIDs(t *testing.T) {
+	t.Parallel()
+	r := &remote{t: &TargetConfig{BaseURL: "http://api.test/v1", ItemPath: "/assignments/{id}"}}
+	tests := map[string]string{
+		"plain":         "http://api.test/v1/assignments/plain",
+		"../admin":      "http://api.test/v1/assignments/..%2Fadmin",
+		"..":            "http://api.test/v1/assignments/%2E%2E",
+		".":             "http://api.test/v1/assignments/%2E",
+		"a b?c=d#e":     "http://api.test/v1/assignments/a%20b%3Fc=d%23e",
+		"x/y":           "http://api.test/v1/assignments/x%2Fy",
+		"%2e%2e":        "http://api.test/v1/assignments/%252e%252e",
+		"http://evil/x": "http://api.test/v1/assignments/http:%2F%2Fevil%2Fx",
+	}
+	for id, want := range tests {
+		require.Equal(t, want, r.itemURL(id), "id %q", id)
+	}
+}
