@@ -119,3 +119,43 @@ func (q *Queries) ChangesListOpen(ctx context.Context, db DBTX, arg ChangesListO
 	}
 	return items, nil
 }
+
+const changesRecord = `-- name: ChangesRecord :exec
+UPDATE stagesync.changes c
+SET status = u.status,
+    attempts = c.attempts + u.add_attempts,
+    last_error = nullif(u.last_error, ''),
+    applied_etag = coalesce(nullif(u.applied_etag, ''), c.applied_etag),
+    finished_at = CASE WHEN u.status IN ('pending', 'processing') THEN NULL ELSE now() END
+FROM (
+    SELECT unnest($1::bigint[]) AS id,
+           unnest($2::text[]) AS status,
+           unnest($3::integer[]) AS add_attempts,
+           unnest($4::text[]) AS last_error,
+           unnest($5::text[]) AS applied_etag
+) AS u
+WHERE c.id = u.id
+  AND c.status IN ('pending', 'processing')
+`
+
+type ChangesRecordParams struct {
+	IDs          []int64  `json:"ids"`
+	Statuses     []string `json:"statuses"`
+	AddAttempts  []int32  `json:"add_attempts"`
+	LastErrors   []string `json:"last_errors"`
+	AppliedETags []string `json:"applied_etags"`
+}
+
+// Records the outcome of many changes in one statement: a terminal state,
+// or 'processing' with the attempts counted when a retry job is scheduled.
+// Empty strings stand for NULL in the parallel arrays.
+func (q *Queries) ChangesRecord(ctx context.Context, db DBTX, arg ChangesRecordParams) error {
+	_, err := db.Exec(ctx, changesRecord,
+		arg.IDs,
+		arg.Statuses,
+		arg.AddAttempts,
+		arg.LastErrors,
+		arg.AppliedETags,
+	)
+	return err
+}

@@ -99,3 +99,47 @@ func (q *Queries) ResourcesGet(ctx context.Context, db DBTX, arg ResourcesGetPar
 	}
 	return items, nil
 }
+
+const resourcesUpsert = `-- name: ResourcesUpsert :exec
+INSERT INTO stagesync.resources AS r (target, resource_id, etag, snapshot, deleted, fetched_at, updated_at, last_change_id)
+SELECT $1::text, u.resource_id, nullif(u.etag, ''), nullif(u.snapshot, '')::jsonb, u.deleted,
+       now(), now(), nullif(u.last_change_id, 0)
+FROM (
+    SELECT unnest($2::text[]) AS resource_id,
+           unnest($3::text[]) AS etag,
+           unnest($4::text[]) AS snapshot,
+           unnest($5::boolean[]) AS deleted,
+           unnest($6::bigint[]) AS last_change_id
+) AS u
+ON CONFLICT (target, resource_id) DO UPDATE
+SET etag = EXCLUDED.etag,
+    snapshot = EXCLUDED.snapshot,
+    deleted = EXCLUDED.deleted,
+    fetched_at = EXCLUDED.fetched_at,
+    updated_at = now(),
+    last_change_id = coalesce(EXCLUDED.last_change_id, r.last_change_id)
+`
+
+type ResourcesUpsertParams struct {
+	Target        string   `json:"target"`
+	ResourceIDs   []string `json:"resource_ids"`
+	ETags         []string `json:"etags"`
+	Snapshots     []string `json:"snapshots"`
+	Deleted       []bool   `json:"deleted"`
+	LastChangeIDs []int64  `json:"last_change_ids"`
+}
+
+// Stores the last known state of many resources in one statement. Empty
+// strings stand for NULL in the parallel arrays; last_change_id 0 keeps
+// the stored one.
+func (q *Queries) ResourcesUpsert(ctx context.Context, db DBTX, arg ResourcesUpsertParams) error {
+	_, err := db.Exec(ctx, resourcesUpsert,
+		arg.Target,
+		arg.ResourceIDs,
+		arg.ETags,
+		arg.Snapshots,
+		arg.Deleted,
+		arg.LastChangeIDs,
+	)
+	return err
+}

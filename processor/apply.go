@@ -34,8 +34,7 @@ type resourceState struct {
 	snapshot map[string]any // nil = body unknown (merge base unknown)
 	deleted  bool
 	// missing is set when a batch ETag lookup found no such resource.
-	missing   bool
-	fetchedAt *time.Time
+	missing bool
 }
 
 // changeOutcome is the fate of one change in this job.
@@ -367,8 +366,7 @@ func (a *applier) succeed(rr *resourceRun, live []openChange, resp response, st 
 	if snap == nil {
 		snap = applyFields(st.snapshot, written)
 	}
-	now := a.now()
-	rr.setState(resourceState{etag: resp.etag, snapshot: snap, fetchedAt: &now})
+	rr.setState(resourceState{etag: resp.etag, snapshot: snap})
 	for _, c := range live {
 		status := statusApplied
 		if decisions != nil {
@@ -472,8 +470,7 @@ func (a *applier) count(rr *resourceRun, live []openChange, resp response) {
 }
 
 func (a *applier) stateFrom(resp response) resourceState {
-	now := a.now()
-	return resourceState{etag: resp.etag, snapshot: resp.body, fetchedAt: &now}
+	return resourceState{etag: resp.etag, snapshot: resp.body}
 }
 
 // applyFields returns a copy of snap with fields set; a null field removes

@@ -3,7 +3,6 @@ package processor
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 
 	"github.com/jackc/pgx/v5"
@@ -19,16 +18,11 @@ func (p *Processor) record(ctx context.Context, conn *pgxpool.Conn, t *TargetCon
 	var (
 		attempts  []db.AttemptsInsertParams
 		merges    []db.MergesInsertParams
-		resources []db.ResourceUpsertParams
+		resources = db.ResourcesUpsertParams{Target: t.Name}
+		changes   db.ChangesRecordParams
 		retries   []river.InsertManyParams
 		finished  = map[string]int{}
 	)
-	type recordKey struct {
-		status, errText, etag string
-		add                   int32
-	}
-	groups := map[recordKey][]int64{}
-	var order []recordKey
 	for _, rr := range runs {
 		for _, at := range rr.attempts {
 			attempts = append(attempts, attemptParams(t.Name, jobID, at))
@@ -41,19 +35,17 @@ func (p *Processor) record(ctx context.Context, conn *pgxpool.Conn, t *TargetCon
 			merges = append(merges, mp)
 		}
 		if rr.stateDirty {
-			rp, err := resourceParams(t.Name, rr)
-			if err != nil {
+			if err := addResource(&resources, rr); err != nil {
 				return err
 			}
-			resources = append(resources, rp)
 		}
 		for _, c := range rr.changes {
 			o := rr.outcome(c.id)
-			k := recordKey{o.status, o.errText, o.etag, o.addAttempts}
-			if _, ok := groups[k]; !ok {
-				order = append(order, k)
-			}
-			groups[k] = append(groups[k], c.id)
+			changes.IDs = append(changes.IDs, c.id)
+			changes.Statuses = append(changes.Statuses, o.status)
+			changes.AddAttempts = append(changes.AddAttempts, o.addAttempts)
+			changes.LastErrors = append(changes.LastErrors, o.errText)
+			changes.AppliedETags = append(changes.AppliedETags, o.etag)
 			if o.status != statusProcessing {
 				finished[o.status]++
 			}
@@ -64,12 +56,6 @@ func (p *Processor) record(ctx context.Context, conn *pgxpool.Conn, t *TargetCon
 				InsertOpts: &river.InsertOpts{Queue: queueName(t.Name), ScheduledAt: rr.retryAt},
 			})
 		}
-	}
-	changes := make([]db.ChangesRecordParams, 0, len(order))
-	for _, k := range order {
-		changes = append(changes, db.ChangesRecordParams{
-			Status: k.status, AddAttempts: k.add, LastError: nonEmpty(k.errText), AppliedETag: nonEmpty(k.etag), IDs: groups[k],
-		})
 	}
 
 	err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
@@ -83,13 +69,15 @@ func (p *Processor) record(ctx context.Context, conn *pgxpool.Conn, t *TargetCon
 				return fmt.Errorf("insert merges: %w", err)
 			}
 		}
-		if len(resources) > 0 {
-			if err := batchErr(p.q.ResourceUpsert(ctx, tx, resources).Exec); err != nil {
+		if len(resources.ResourceIDs) > 0 {
+			if err := p.q.ResourcesUpsert(ctx, tx, resources); err != nil {
 				return fmt.Errorf("store resources: %w", err)
 			}
 		}
-		if err := batchErr(p.q.ChangesRecord(ctx, tx, changes).Exec); err != nil {
-			return fmt.Errorf("record change states: %w", err)
+		if len(changes.IDs) > 0 {
+			if err := p.q.ChangesRecord(ctx, tx, changes); err != nil {
+				return fmt.Errorf("record change states: %w", err)
+			}
 		}
 		if len(retries) > 0 {
 			if _, err := p.client.InsertManyTx(ctx, tx, retries); err != nil {
@@ -108,17 +96,6 @@ func (p *Processor) record(ctx context.Context, conn *pgxpool.Conn, t *TargetCon
 		p.logger.DebugContext(ctx, "retries scheduled", "target", t.Name, "resources", len(retries))
 	}
 	return nil
-}
-
-// batchErr runs a sqlc :batchexec result and returns its first error.
-func batchErr(exec func(func(int, error))) error {
-	var errs []error
-	exec(func(_ int, err error) {
-		if err != nil {
-			errs = append(errs, err)
-		}
-	})
-	return errors.Join(errs...)
 }
 
 func nonEmpty(s string) *string {
@@ -171,19 +148,25 @@ func mergeParams(target, resourceID string, m mergeRecord) (db.MergesInsertParam
 	return mp, nil
 }
 
-func resourceParams(target string, rr *resourceRun) (db.ResourceUpsertParams, error) {
+// addResource appends a resource's state to the set-based upsert.
+func addResource(p *db.ResourcesUpsertParams, rr *resourceRun) error {
 	st := rr.state
-	rp := db.ResourceUpsertParams{Target: target, ResourceID: rr.id, ETag: nonEmpty(st.etag), Deleted: st.deleted, FetchedAt: st.fetchedAt}
+	snap := ""
 	if st.snapshot != nil {
 		b, err := json.Marshal(st.snapshot)
 		if err != nil {
-			return rp, fmt.Errorf("encode snapshot of %q: %w", rr.id, err)
+			return fmt.Errorf("encode snapshot of %q: %w", rr.id, err)
 		}
-		rp.Snapshot = b
+		snap = string(b)
 	}
+	var last int64
 	if n := len(rr.changes); n > 0 {
-		last := rr.changes[n-1].id
-		rp.LastChangeID = &last
+		last = rr.changes[n-1].id
 	}
-	return rp, nil
+	p.ResourceIDs = append(p.ResourceIDs, rr.id)
+	p.ETags = append(p.ETags, st.etag)
+	p.Snapshots = append(p.Snapshots, snap)
+	p.Deleted = append(p.Deleted, st.deleted)
+	p.LastChangeIDs = append(p.LastChangeIDs, last)
+	return nil
 }

@@ -31,14 +31,22 @@ WHERE target = @target
   AND status IN ('pending', 'processing')
 ORDER BY resource_id, id;
 
--- name: ChangesRecord :batchexec
--- Records the outcome for a set of changes: a terminal state, or
--- 'processing' with the attempt counted when a retry job is scheduled.
-UPDATE stagesync.changes
-SET status = @status,
-    attempts = attempts + @add_attempts,
-    last_error = @last_error,
-    applied_etag = coalesce(@applied_etag, applied_etag),
-    finished_at = CASE WHEN @status::text IN ('pending', 'processing') THEN NULL ELSE now() END
-WHERE id = ANY (@ids::bigint[])
-  AND status IN ('pending', 'processing');
+-- name: ChangesRecord :exec
+-- Records the outcome of many changes in one statement: a terminal state,
+-- or 'processing' with the attempts counted when a retry job is scheduled.
+-- Empty strings stand for NULL in the parallel arrays.
+UPDATE stagesync.changes c
+SET status = u.status,
+    attempts = c.attempts + u.add_attempts,
+    last_error = nullif(u.last_error, ''),
+    applied_etag = coalesce(nullif(u.applied_etag, ''), c.applied_etag),
+    finished_at = CASE WHEN u.status IN ('pending', 'processing') THEN NULL ELSE now() END
+FROM (
+    SELECT unnest(@ids::bigint[]) AS id,
+           unnest(@statuses::text[]) AS status,
+           unnest(@add_attempts::integer[]) AS add_attempts,
+           unnest(@last_errors::text[]) AS last_error,
+           unnest(@applied_etags::text[]) AS applied_etag
+) AS u
+WHERE c.id = u.id
+  AND c.status IN ('pending', 'processing');
