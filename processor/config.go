@@ -256,8 +256,12 @@ func (t *TargetConfig) validate(getenv func(string) string) []keyError {
 		bad("base_url", "must not have a query or fragment")
 	}
 	t.BaseURL = strings.TrimRight(t.BaseURL, "/")
-	if !strings.HasPrefix(t.ItemPath, "/") || strings.Count(t.ItemPath, "{id}") != 1 {
+	switch {
+	case !strings.HasPrefix(t.ItemPath, "/") || strings.Count(t.ItemPath, "{id}") != 1:
 		bad("item_path", "must start with / and contain {id} exactly once, like /assignments/{id}")
+	case strings.ContainsAny(t.ItemPath, "?#"):
+		// A query could carry a credential into attempts rows and logs.
+		bad("item_path", "must not contain a query or fragment; use auth for credentials")
 	}
 	switch t.UpdateMethod {
 	case "":

@@ -65,6 +65,11 @@ func TestParseConfigErrorsNameTheKey(t *testing.T) {
 		_, err := ParseConfig([]byte("targets:\n  t:\n    base_url: http://x.test\n    item_path: /a\n"), func(string) string { return "" })
 		require.ErrorContains(t, err, "targets.t.item_path: must start with / and contain {id}")
 	})
+	t.Run("query in item path", func(t *testing.T) {
+		t.Parallel()
+		_, err := ParseConfig([]byte("targets:\n  t:\n    base_url: http://x.test\n    item_path: /a/{id}?key=k\n"), func(string) string { return "" })
+		require.ErrorContains(t, err, "targets.t.item_path: must not contain a query")
+	})
 	t.Run("credentials in base url", func(t *testing.T) {
 		t.Parallel()
 		_, err := ParseConfig([]byte("targets:\n  t:\n    base_url: http://u:pw@x.test\n    item_path: /a/{id}\n"), func(string) string { return "" })
