@@ -7,6 +7,7 @@ package db
 
 import (
 	"context"
+	"time"
 )
 
 const changesClaimPending = `-- name: ChangesClaimPending :many
@@ -158,4 +159,15 @@ func (q *Queries) ChangesRecord(ctx context.Context, db DBTX, arg ChangesRecordP
 		arg.AppliedETags,
 	)
 	return err
+}
+
+const changesResetOrphaned = `-- name: ChangesResetOrphaned :one
+SELECT stagesync.reset_orphaned_changes($1::timestamptz)::integer AS reset
+`
+
+func (q *Queries) ChangesResetOrphaned(ctx context.Context, db DBTX, cutoff time.Time) (int32, error) {
+	row := db.QueryRow(ctx, changesResetOrphaned, cutoff)
+	var reset int32
+	err := row.Scan(&reset)
+	return reset, err
 }

@@ -205,3 +205,34 @@ func (q *Queries) Requeue(ctx context.Context, db DBTX, arg RequeueParams) (int3
 	err := row.Scan(&moved)
 	return moved, err
 }
+
+const riverQueueDepth = `-- name: RiverQueueDepth :many
+SELECT queue::text AS queue, state::text AS state, jobs::bigint AS jobs
+FROM stagesync.river_queue_depth()
+`
+
+type RiverQueueDepthRow struct {
+	Queue string `json:"queue"`
+	State string `json:"state"`
+	Jobs  int64  `json:"jobs"`
+}
+
+func (q *Queries) RiverQueueDepth(ctx context.Context, db DBTX) ([]RiverQueueDepthRow, error) {
+	rows, err := db.Query(ctx, riverQueueDepth)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []RiverQueueDepthRow{}
+	for rows.Next() {
+		var i RiverQueueDepthRow
+		if err := rows.Scan(&i.Queue, &i.State, &i.Jobs); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
+}

@@ -17,7 +17,8 @@ const notifyChannel = "stagesync_changes"
 
 // DispatchArgs is the periodic safety-net job: it claims whatever is
 // pending in case a notification was missed (listener reconnecting,
-// process starting).
+// process starting), and returns to pending any processing change whose
+// job no longer exists.
 type DispatchArgs struct{}
 
 // Kind implements river.JobArgs.
@@ -29,7 +30,16 @@ type dispatchWorker struct {
 }
 
 func (w *dispatchWorker) Work(ctx context.Context, _ *river.Job[DispatchArgs]) error {
-	_, err := w.p.Claim(ctx)
+	p := w.p
+	cutoff := time.Now().Add(-p.cfg.Dispatch.RescueAfter.D())
+	n, err := p.q.ChangesResetOrphaned(ctx, p.pool, cutoff)
+	if err != nil {
+		return fmt.Errorf("reset orphaned changes: %w", err)
+	}
+	if n > 0 {
+		p.logger.WarnContext(ctx, "processing changes had no live job; returned to pending", "changes", n)
+	}
+	_, err = p.Claim(ctx)
 	return err
 }
 

@@ -50,3 +50,6 @@ FROM (
 ) AS u
 WHERE c.id = u.id
   AND c.status IN ('pending', 'processing');
+
+-- name: ChangesResetOrphaned :one
+SELECT stagesync.reset_orphaned_changes(@cutoff::timestamptz)::integer AS reset;

@@ -28,3 +28,7 @@ SELECT stagesync.requeue(
     until => sqlc.narg(until)::timestamptz,
     include_rejected => @include_rejected::boolean
 )::integer AS moved;
+
+-- name: RiverQueueDepth :many
+SELECT queue::text AS queue, state::text AS state, jobs::bigint AS jobs
+FROM stagesync.river_queue_depth();
