@@ -52,7 +52,8 @@ CREATE TABLE stagesync.changes (
     CONSTRAINT changes_delete_has_no_fields CHECK (op <> 'delete' OR fields = '{}'),
     CONSTRAINT changes_fields_no_id CHECK (NOT fields ? 'id'),
     CONSTRAINT changes_source_not_empty CHECK (source <> ''),
-    CONSTRAINT changes_idempotency_key_not_blank CHECK (idempotency_key IS NULL OR btrim(idempotency_key) <> ''),
+    CONSTRAINT changes_idempotency_key_not_blank CHECK (idempotency_key IS NULL OR idempotency_key ~ '[^[:space:]]'),
+    CONSTRAINT changes_idempotency_key_no_control_chars CHECK (idempotency_key !~ '[[:cntrl:]]'),
     CONSTRAINT changes_idempotency_key_too_long CHECK (octet_length(idempotency_key) <= 200),
     CONSTRAINT changes_status_valid CHECK (status IN ('pending', 'processing', 'applied', 'merged', 'noop', 'dead', 'rejected')),
     CONSTRAINT changes_attempts_not_negative CHECK (attempts >= 0),
@@ -103,7 +104,7 @@ CREATE TABLE stagesync.attempts (
     outcome       text NOT NULL,
     error         text,
     job_id        bigint,
-    created_at    timestamptz NOT NULL DEFAULT now(),
+    created_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
     CONSTRAINT attempts_outcome_valid CHECK (
         outcome IN ('applied', 'fetched', 'conflict', 'retryable', 'fatal', 'transport_error'))
 );
@@ -122,7 +123,7 @@ CREATE TABLE stagesync.merges (
     result      jsonb NOT NULL,
     decisions   jsonb NOT NULL,
     outcome     text NOT NULL,
-    created_at  timestamptz NOT NULL DEFAULT now(),
+    created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
     CONSTRAINT merges_outcome_valid CHECK (outcome IN ('merged', 'noop', 'needs_review'))
 );
 CREATE INDEX merges_resource_idx ON stagesync.merges (target, resource_id, id);

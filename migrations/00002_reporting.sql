@@ -2,10 +2,12 @@
 -- §3.5). They read the tables of 00001 and are the analysts' interface.
 
 -- +goose Up
+-- Hours are UTC hours whatever the session's time zone, so two analysts
+-- in different zones see the same buckets.
 CREATE VIEW stagesync.conflict_rates AS
 WITH requests AS (
     SELECT target,
-           date_trunc('hour', created_at) AS hour,
+           date_trunc('hour', created_at, 'UTC') AS hour,
            count(*) AS requests,
            count(*) FILTER (WHERE outcome = 'conflict') AS conflicts,
            percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) AS p50_ms,
@@ -14,7 +16,7 @@ WITH requests AS (
     GROUP BY 1, 2
 ), finished AS (
     SELECT target,
-           date_trunc('hour', finished_at) AS hour,
+           date_trunc('hour', finished_at, 'UTC') AS hour,
            count(*) FILTER (WHERE status = 'applied') AS applied,
            count(*) FILTER (WHERE status = 'merged') AS merged,
            count(*) FILTER (WHERE status = 'noop') AS noop,
