@@ -13,7 +13,7 @@ SQLC := $(BIN)/sqlc
 STATICCHECK := $(BIN)/staticcheck
 DBURL = $$(cat $(BIN)/database_url)
 
-.PHONY: all generate build test test-short lint db-up demo bench clean tools
+.PHONY: all generate build test test-short lint db-up demo bench clean tools chromium
 
 all: lint test
 
@@ -46,9 +46,19 @@ build:
 db-up:
 	@bash .ci/db-up
 
+# The status page test drives Debian's chromium headless. It is installed
+# once if missing; where that fails, that one test skips with a message.
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+		echo "chromium: installing it for the status page test (apt-get install -y chromium)" >&2; \
+		if [ "$$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi; \
+		{ $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium >/dev/null; } || \
+			echo "chromium: could not install it; the browser test will be skipped" >&2; \
+	fi
+
 # Each test package gets databases cloned from a migrated template, so
 # packages run in parallel and repeated runs don't interfere.
-test: db-up
+test: db-up chromium
 	DATABASE_URL=$(DBURL) $(GO) test -count=1 -timeout 20m ./...
 
 test-short: db-up

@@ -62,18 +62,7 @@ type Change struct {
 }
 
 type ConflictRate struct {
-	Target       string    `json:"target"`
-	Hour         time.Time `json:"hour"`
-	Requests     int64     `json:"requests"`
-	Conflicts    int64     `json:"conflicts"`
-	ConflictRate float64   `json:"conflict_rate"`
-	Applied      int64     `json:"applied"`
-	Merged       int64     `json:"merged"`
-	Noop         int64     `json:"noop"`
-	Dead         int64     `json:"dead"`
-	Rejected     int64     `json:"rejected"`
-	P50Ms        float64   `json:"p50_ms"`
-	P95Ms        float64   `json:"p95_ms"`
+	ConflictRatesSince interface{} `json:"conflict_rates_since"`
 }
 
 type DeadLetter struct {

@@ -83,11 +83,16 @@ func (q *Queries) ChangesCountByStatus(ctx context.Context, db DBTX) ([]ChangesC
 }
 
 const conflictRatesSince = `-- name: ConflictRatesSince :many
-SELECT target, hour, requests, conflicts, conflict_rate, applied, merged, noop, dead, rejected,
-       coalesce(p50_ms, 0)::float8 AS p50_ms, coalesce(p95_ms, 0)::float8 AS p95_ms
-FROM stagesync.conflict_rates
-WHERE hour >= $1::timestamptz
-ORDER BY hour, target
+SELECT r.target::text AS target, r.hour::timestamptz AS hour,
+       r.requests::bigint AS requests, r.conflicts::bigint AS conflicts,
+       r.conflict_rate::float8 AS conflict_rate,
+       r.applied::bigint AS applied, r.merged::bigint AS merged, r.noop::bigint AS noop,
+       r.dead::bigint AS dead, r.rejected::bigint AS rejected,
+       coalesce(r.p50_ms, 0)::float8 AS p50_ms, coalesce(r.p95_ms, 0)::float8 AS p95_ms
+FROM stagesync.conflict_rates_since($1::timestamptz)
+    AS r (target, hour, requests, conflicts, conflict_rate, applied, merged, noop,
+          dead, rejected, p50_ms, p95_ms)
+ORDER BY 2, 1
 `
 
 type ConflictRatesSinceRow struct {

@@ -65,7 +65,7 @@ CREATE TABLE stagesync.changes (
 -- Finding pending work must stay cheap with millions of finished rows: these
 -- partial indexes only hold open (or failed) changes, so they stay as small
 -- as the backlog. Every index here is paid twice per change (claim, finish),
--- so there are no others.
+-- so there are few others.
 CREATE INDEX changes_pending_idx ON stagesync.changes (id) WHERE status = 'pending';
 -- resource_id leads: lookups name a few resources of a target, and a
 -- target-first index tempts the planner (with stale statistics during a
@@ -74,6 +74,9 @@ CREATE INDEX changes_open_resource_idx ON stagesync.changes (resource_id, target
     WHERE status IN ('pending', 'processing');
 CREATE INDEX changes_failed_idx ON stagesync.changes (finished_at DESC, id DESC)
     WHERE status IN ('dead', 'rejected');
+-- For hourly reports over a recent window (conflict_rates_since).
+CREATE INDEX changes_finished_at_idx ON stagesync.changes (finished_at)
+    WHERE finished_at IS NOT NULL;
 
 -- The last known remote representation of each resource: its ETag (what
 -- If-Match sends) and snapshot (the three-way merge base).
@@ -108,7 +111,7 @@ CREATE TABLE stagesync.attempts (
     CONSTRAINT attempts_outcome_valid CHECK (
         outcome IN ('applied', 'fetched', 'conflict', 'retryable', 'fatal', 'transport_error'))
 );
-CREATE INDEX attempts_target_created_idx ON stagesync.attempts (target, created_at);
+CREATE INDEX attempts_created_idx ON stagesync.attempts (created_at);
 CREATE INDEX attempts_resource_idx ON stagesync.attempts (target, resource_id, id);
 
 -- One row per conflict the three-way merge resolved (or refused to).

@@ -3,44 +3,57 @@
 
 -- +goose Up
 -- Hours are UTC hours whatever the session's time zone, so two analysts
--- in different zones see the same buckets.
-CREATE VIEW stagesync.conflict_rates AS
+-- in different zones see the same buckets. The function takes the start of
+-- the window so dashboards read only recent rows (the view, over all time,
+-- can't push a filter through its FULL JOIN).
+-- +goose StatementBegin
+CREATE FUNCTION stagesync.conflict_rates_since(since timestamptz)
+RETURNS TABLE (target text, hour timestamptz, requests bigint, conflicts bigint,
+               conflict_rate float8, applied bigint, merged bigint, noop bigint,
+               dead bigint, rejected bigint, p50_ms float8, p95_ms float8)
+LANGUAGE sql STABLE AS $$
 WITH requests AS (
-    SELECT target,
-           date_trunc('hour', created_at, 'UTC') AS hour,
+    SELECT a.target,
+           date_trunc('hour', a.created_at, 'UTC') AS hour,
            count(*) AS requests,
-           count(*) FILTER (WHERE outcome = 'conflict') AS conflicts,
-           percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) AS p50_ms,
-           percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) AS p95_ms
-    FROM stagesync.attempts
+           count(*) FILTER (WHERE a.outcome = 'conflict') AS conflicts,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY a.duration_ms) AS p50_ms,
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY a.duration_ms) AS p95_ms
+    FROM stagesync.attempts a
+    WHERE a.created_at >= date_trunc('hour', conflict_rates_since.since, 'UTC')
     GROUP BY 1, 2
 ), finished AS (
-    SELECT target,
-           date_trunc('hour', finished_at, 'UTC') AS hour,
-           count(*) FILTER (WHERE status = 'applied') AS applied,
-           count(*) FILTER (WHERE status = 'merged') AS merged,
-           count(*) FILTER (WHERE status = 'noop') AS noop,
-           count(*) FILTER (WHERE status = 'dead') AS dead,
-           count(*) FILTER (WHERE status = 'rejected') AS rejected
-    FROM stagesync.changes
-    WHERE finished_at IS NOT NULL
+    SELECT c.target,
+           date_trunc('hour', c.finished_at, 'UTC') AS hour,
+           count(*) FILTER (WHERE c.status = 'applied') AS applied,
+           count(*) FILTER (WHERE c.status = 'merged') AS merged,
+           count(*) FILTER (WHERE c.status = 'noop') AS noop,
+           count(*) FILTER (WHERE c.status = 'dead') AS dead,
+           count(*) FILTER (WHERE c.status = 'rejected') AS rejected
+    FROM stagesync.changes c
+    WHERE c.finished_at >= date_trunc('hour', conflict_rates_since.since, 'UTC')
     GROUP BY 1, 2
 )
-SELECT coalesce(r.target, f.target)::text AS target,
-       coalesce(r.hour, f.hour)::timestamptz AS hour,
-       coalesce(r.requests, 0)::bigint AS requests,
-       coalesce(r.conflicts, 0)::bigint AS conflicts,
+SELECT coalesce(r.target, f.target)::text,
+       coalesce(r.hour, f.hour)::timestamptz,
+       coalesce(r.requests, 0)::bigint,
+       coalesce(r.conflicts, 0)::bigint,
        (CASE WHEN coalesce(r.requests, 0) = 0 THEN 0
-             ELSE round(r.conflicts::numeric / r.requests, 4) END)::float8 AS conflict_rate,
-       coalesce(f.applied, 0)::bigint AS applied,
-       coalesce(f.merged, 0)::bigint AS merged,
-       coalesce(f.noop, 0)::bigint AS noop,
-       coalesce(f.dead, 0)::bigint AS dead,
-       coalesce(f.rejected, 0)::bigint AS rejected,
-       r.p50_ms::float8 AS p50_ms,
-       r.p95_ms::float8 AS p95_ms
+             ELSE round(r.conflicts::numeric / r.requests, 4) END)::float8,
+       coalesce(f.applied, 0)::bigint,
+       coalesce(f.merged, 0)::bigint,
+       coalesce(f.noop, 0)::bigint,
+       coalesce(f.dead, 0)::bigint,
+       coalesce(f.rejected, 0)::bigint,
+       r.p50_ms::float8,
+       r.p95_ms::float8
 FROM requests r
 FULL JOIN finished f ON f.target = r.target AND f.hour = r.hour;
+$$;
+-- +goose StatementEnd
+
+CREATE VIEW stagesync.conflict_rates AS
+SELECT * FROM stagesync.conflict_rates_since('-infinity');
 
 CREATE VIEW stagesync.backlog AS
 SELECT t.name AS target,
@@ -170,3 +183,4 @@ DROP FUNCTION stagesync.change_history(bigint);
 DROP VIEW stagesync.dead_letters;
 DROP VIEW stagesync.backlog;
 DROP VIEW stagesync.conflict_rates;
+DROP FUNCTION stagesync.conflict_rates_since(timestamptz);

@@ -52,6 +52,7 @@ GRANT SELECT ON stagesync.conflict_rates, stagesync.backlog, stagesync.dead_lett
     stagesync.merges, stagesync.admin_actions
     TO stagesync_reporting;
 GRANT EXECUTE ON FUNCTION stagesync.change_history(bigint) TO stagesync_reporting;
+GRANT EXECUTE ON FUNCTION stagesync.conflict_rates_since(timestamptz) TO stagesync_reporting;
 GRANT EXECUTE ON FUNCTION stagesync.requeue(bigint[], text, timestamptz, timestamptz, boolean)
     TO stagesync_admin;
 
@@ -59,6 +60,7 @@ GRANT EXECUTE ON FUNCTION stagesync.requeue(bigint[], text, timestamptz, timesta
 REVOKE ALL ON FUNCTION stagesync.requeue(bigint[], text, timestamptz, timestamptz, boolean)
     FROM stagesync_admin;
 REVOKE ALL ON FUNCTION stagesync.change_history(bigint) FROM stagesync_reporting;
+REVOKE ALL ON FUNCTION stagesync.conflict_rates_since(timestamptz) FROM stagesync_reporting;
 REVOKE ALL ON ALL TABLES IN SCHEMA stagesync FROM stagesync_upstream, stagesync_reporting;
 DROP POLICY changes_reporting_select ON stagesync.changes;
 DROP POLICY changes_upstream_select ON stagesync.changes;

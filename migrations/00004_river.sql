@@ -5,9 +5,11 @@
 
 -- +goose Up
 -- +goose StatementBegin
+-- SECURITY DEFINER: reporting may see queue depths without reading River's
+-- job rows (whose args name resources).
 CREATE FUNCTION stagesync.river_queue_depth()
 RETURNS TABLE (queue text, state text, jobs bigint)
-LANGUAGE sql STABLE
+LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path FROM CURRENT
 AS $$
     SELECT j.queue, j.state::text, count(*)

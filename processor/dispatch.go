@@ -100,7 +100,7 @@ func (p *Processor) claimOnce(ctx context.Context) (int, error) {
 				end := min(start+t.BatchSize, len(ids))
 				jobs = append(jobs, river.InsertManyParams{
 					Args:       ApplyArgs{Target: name, ResourceIDs: ids[start:end]},
-					InsertOpts: &river.InsertOpts{Queue: queueName(name)},
+					InsertOpts: &river.InsertOpts{Queue: QueueName(name)},
 				})
 			}
 		}

@@ -29,7 +29,7 @@ func TestResetOrphanedChangesSparesChangesWithALiveJob(t *testing.T) {
 	client, err := river.NewClient(riverpgxv5.New(pool), &river.Config{})
 	require.NoError(t, err)
 	_, err = client.Insert(ctx, ApplyArgs{Target: "territory", ResourceIDs: []string{"other", "covered"}},
-		&river.InsertOpts{Queue: queueName("territory"), ScheduledAt: time.Now().Add(time.Hour)})
+		&river.InsertOpts{Queue: QueueName("territory"), ScheduledAt: time.Now().Add(time.Hour)})
 	require.NoError(t, err)
 
 	q := db.New()

@@ -72,7 +72,7 @@ func New(cfg *Config, opts Options) (*Processor, error) {
 	queues := map[string]river.QueueConfig{river.QueueDefault: {MaxWorkers: 2}}
 	for name, t := range cfg.Targets {
 		p.remotes[name] = newRemote(t, hc, p.metrics)
-		queues[queueName(name)] = river.QueueConfig{MaxWorkers: t.Workers}
+		queues[QueueName(name)] = river.QueueConfig{MaxWorkers: t.Workers}
 	}
 	client, err := river.NewClient(riverpgxv5.New(opts.Pool), &river.Config{
 		Logger:  opts.Logger.With("component", "river"),

@@ -53,7 +53,7 @@ func (p *Processor) record(ctx context.Context, conn *pgxpool.Conn, t *TargetCon
 		if !rr.retryAt.IsZero() {
 			retries = append(retries, river.InsertManyParams{
 				Args:       ApplyArgs{Target: t.Name, ResourceIDs: []string{rr.id}},
-				InsertOpts: &river.InsertOpts{Queue: queueName(t.Name), ScheduledAt: rr.retryAt},
+				InsertOpts: &river.InsertOpts{Queue: QueueName(t.Name), ScheduledAt: rr.retryAt},
 			})
 		}
 	}

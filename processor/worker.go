@@ -25,9 +25,9 @@ type ApplyArgs struct {
 // Kind implements river.JobArgs.
 func (ApplyArgs) Kind() string { return "stagesync_apply" }
 
-// queueName is the River queue of a target: one queue per target, so a slow
+// QueueName is the River queue of a target: one queue per target, so a slow
 // remote never starves the others.
-func queueName(target string) string { return "stagesync_" + target }
+func QueueName(target string) string { return "stagesync_" + target }
 
 // maxRounds bounds how often one job re-checks its locked resources for
 // changes that arrived while it worked; leftovers get a follow-up job.
@@ -141,7 +141,7 @@ func (w *applyWorker) Work(ctx context.Context, job *river.Job[ApplyArgs]) error
 	if len(busy) > 0 {
 		_, err := river.ClientFromContext[pgx.Tx](ctx).Insert(context.WithoutCancel(ctx),
 			ApplyArgs{Target: t.Name, ResourceIDs: busy},
-			&river.InsertOpts{Queue: queueName(t.Name), ScheduledAt: time.Now().Add(busyRetryDelay)})
+			&river.InsertOpts{Queue: QueueName(t.Name), ScheduledAt: time.Now().Add(busyRetryDelay)})
 		if err != nil {
 			return fmt.Errorf("schedule %d busy resources: %w", len(busy), err)
 		}

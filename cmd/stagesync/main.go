@@ -24,9 +24,12 @@ type command struct {
 }
 
 var commands = map[string]command{
+	"demo":     {"run a self-contained demo: simulator, seeded CRM workload, drain, report", cmdDemo},
 	"migrate":  {"apply (up), roll back (down) or list (status) the schema", cmdMigrate},
+	"requeue":  {"move dead (or rejected) changes back to pending", cmdRequeue},
 	"run":      {"apply staged changes to the configured targets (the main job)", cmdRun},
 	"simulate": {"serve an ETag-enforcing REST API with fault injection (for tests and demos)", cmdSimulate},
+	"status":   {"show backlog, in-flight work, conflict rate and dead letters (--watch, --json)", cmdStatus},
 }
 
 func main() {

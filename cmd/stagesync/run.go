@@ -7,11 +7,15 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
+	"slices"
+	"sync"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -29,12 +33,19 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 	logFormat := fs.String("log-format", "", "text or json (default: config log_format, text)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	migrate := fs.Bool("migrate", false, "apply migrations before starting")
+	grace := fs.Duration("shutdown-grace", 0, "on SIGTERM/SIGINT, how long in-flight requests may finish before they are cancelled (default: config dispatch.shutdown_grace, 30s)")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *grace < 0 {
+		return fmt.Errorf("run: --shutdown-grace must not be negative, got %v", *grace)
 	}
 	cfg, err := processor.LoadConfig(*configPath, getenv)
 	if err != nil {
 		return err
+	}
+	if *grace > 0 {
+		cfg.Dispatch.ShutdownGrace = processor.Duration(*grace)
 	}
 	if *listen != "" {
 		cfg.Listen = *listen
@@ -61,6 +72,9 @@ type serveOpts struct {
 	stdout      io.Writer
 	// ready, if set, receives the bound HTTP address once serving.
 	ready chan<- string
+	// sampleEvery is how often the status page's backlog history is
+	// sampled. Defaults to 5s.
+	sampleEvery time.Duration
 }
 
 // serve runs the processor and its HTTP endpoints until ctx ends.
@@ -90,7 +104,7 @@ func serve(ctx context.Context, o serveOpts) error {
 	}
 
 	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	mux.Handle("GET /metrics", metricsHandler(reg, pool, cfg.TargetNames(), o.logger))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		fmt.Fprintln(w, "ok")
@@ -112,6 +126,9 @@ func serve(ctx context.Context, o serveOpts) error {
 		}
 	})
 
+	hist := newBacklogHistory(historySize)
+	mux.Handle("GET /{$}", statusPageHandler(pool, hist, o.logger))
+
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
@@ -120,6 +137,20 @@ func serve(ctx context.Context, o serveOpts) error {
 	srvErr := make(chan error, 1)
 	go func() { srvErr <- srv.Serve(ln) }()
 	o.logger.InfoContext(ctx, "serving", "addr", ln.Addr().String())
+
+	every := o.sampleEvery
+	if every <= 0 {
+		every = 5 * time.Second
+	}
+	sampleCtx, stopSampler := context.WithCancel(ctx)
+	var sampler sync.WaitGroup
+	sampler.Go(func() { sampleBacklog(sampleCtx, pool, hist, every, o.logger) })
+	// Stopped on every return path, before the pool closes.
+	defer func() {
+		stopSampler()
+		sampler.Wait()
+	}()
+
 	if o.ready != nil {
 		o.ready <- ln.Addr().String()
 	}
@@ -147,5 +178,108 @@ func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
 		return slog.New(slog.NewJSONHandler(w, opts)), nil
 	default:
 		return nil, fmt.Errorf("--log-format: %q is not text or json", format)
+	}
+}
+
+// Gauges read from the database at scrape time. They describe the shared
+// database, so every process reports the same values: aggregate with max()
+// rather than sum() across instances.
+var (
+	backlogDesc = prometheus.NewDesc("stagesync_backlog_changes",
+		"Changes not yet in a terminal state, by target and status (pending, processing).",
+		[]string{"target", "status"}, nil)
+	oldestPendingDesc = prometheus.NewDesc("stagesync_backlog_oldest_pending_seconds",
+		"Age of the oldest pending change, by target; 0 when nothing is pending.",
+		[]string{"target"}, nil)
+	riverJobsDesc = prometheus.NewDesc("stagesync_river_jobs",
+		"River jobs not yet finished, by queue (stagesync_<target>, default) and state (available, running, scheduled, retryable, pending).",
+		[]string{"queue", "state"}, nil)
+	databaseUpDesc = prometheus.NewDesc("stagesync_database_up",
+		"1 if the scrape-time database queries succeeded, else 0.",
+		nil, nil)
+)
+
+// riverLiveStates are the River job states that still have work ahead.
+var riverLiveStates = []string{"available", "pending", "retryable", "running", "scheduled"}
+
+// scrapeTimeout bounds the database queries of one scrape, so a slow or
+// unreachable database delays /metrics by at most this much.
+const scrapeTimeout = 3 * time.Second
+
+// metricsHandler serves the registry plus gauges queried from the database
+// during the scrape, under the scrape request's context (prometheus'
+// Collector interface has none, hence a per-scrape collector of values
+// already read).
+func metricsHandler(reg *prometheus.Registry, pool *pgxpool.Pool, targets []string, logger *slog.Logger) http.Handler {
+	opts := promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), scrapeTimeout)
+		defer cancel()
+		gauges, err := databaseGauges(ctx, pool, targets)
+		up := 1.0
+		if err != nil {
+			logger.WarnContext(ctx, "metrics: database gauges unavailable", "error", err)
+			up = 0
+			gauges = nil
+		}
+		gauges = append(gauges, prometheus.MustNewConstMetric(databaseUpDesc, prometheus.GaugeValue, up))
+		scrape := prometheus.NewRegistry()
+		scrape.MustRegister(constCollector{descs: []*prometheus.Desc{backlogDesc, oldestPendingDesc, riverJobsDesc, databaseUpDesc}, metrics: gauges})
+		promhttp.HandlerFor(prometheus.Gatherers{reg, scrape}, opts).ServeHTTP(w, r)
+	})
+}
+
+func databaseGauges(ctx context.Context, pool *pgxpool.Pool, targets []string) ([]prometheus.Metric, error) {
+	backlog, err := db.New().BacklogList(ctx, pool)
+	if err != nil {
+		return nil, fmt.Errorf("read backlog: %w", err)
+	}
+	var out []prometheus.Metric
+	for _, b := range backlog {
+		out = append(out,
+			prometheus.MustNewConstMetric(backlogDesc, prometheus.GaugeValue, float64(b.Pending), b.Target, "pending"),
+			prometheus.MustNewConstMetric(backlogDesc, prometheus.GaugeValue, float64(b.Processing), b.Target, "processing"),
+			prometheus.MustNewConstMetric(oldestPendingDesc, prometheus.GaugeValue, b.OldestPendingSeconds, b.Target))
+	}
+	jobs, err := riverJobs(ctx, pool)
+	if err != nil {
+		return nil, err
+	}
+	// The targets' queues report every state, zeros included, so their
+	// series exist from the first scrape; other queues as found.
+	for _, t := range targets {
+		q := processor.QueueName(t)
+		if jobs[q] == nil {
+			jobs[q] = map[string]int64{}
+		}
+		for _, st := range riverLiveStates {
+			if _, ok := jobs[q][st]; !ok {
+				jobs[q][st] = 0
+			}
+		}
+	}
+	for _, q := range slices.Sorted(maps.Keys(jobs)) {
+		for _, st := range slices.Sorted(maps.Keys(jobs[q])) {
+			out = append(out, prometheus.MustNewConstMetric(riverJobsDesc, prometheus.GaugeValue, float64(jobs[q][st]), q, st))
+		}
+	}
+	return out, nil
+}
+
+// constCollector emits metrics already computed.
+type constCollector struct {
+	descs   []*prometheus.Desc
+	metrics []prometheus.Metric
+}
+
+func (c constCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range c.descs {
+		ch <- d
+	}
+}
+
+func (c constCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, m := range c.metrics {
+		ch <- m
 	}
 }

@@ -1,0 +1,245 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/stretchr/testify/require"
+)
+
+// statusFixture is a database whose figures the status tests know exactly.
+type statusFixture struct {
+	url            string
+	pool           *pgxpool.Pool
+	now            time.Time
+	deadID, rejID  int64
+	oldestAlpha    time.Time
+	oldestBeta     time.Time
+	deadFinished   time.Time
+	rejFinished    time.Time
+	deadLastError  string
+	rejectedReason string
+}
+
+func newStatusFixture(t *testing.T) statusFixture {
+	t.Helper()
+	url, pool := testDatabase(t)
+	now := time.Now().UTC().Truncate(time.Second)
+	f := statusFixture{
+		url: url, pool: pool, now: now,
+		oldestAlpha: now.Add(-90 * time.Second), oldestBeta: now.Add(-time.Hour),
+		deadFinished: now.Add(-20 * time.Minute), rejFinished: now.Add(-time.Minute),
+		deadLastError:  "gave up after 10 attempts: PATCH http://127.0.0.1:1/items/a9: 503 service unavailable",
+		rejectedReason: "PATCH http://127.0.0.1:1/items/b2: 422 field status: value INVALID is not allowed",
+	}
+	insertTarget(t, pool, "alpha", "beta")
+	insertFixture(t, pool, fixture{target: "alpha", resourceID: "a1", status: "pending", createdAt: f.oldestAlpha})
+	insertFixture(t, pool, fixture{target: "alpha", resourceID: "a2", status: "pending", createdAt: now.Add(-30 * time.Second)})
+	insertFixture(t, pool, fixture{target: "alpha", resourceID: "a3", status: "pending", createdAt: now.Add(-10 * time.Second)})
+	insertFixture(t, pool, fixture{target: "alpha", resourceID: "a4", status: "processing"})
+	insertFixture(t, pool, fixture{target: "alpha", resourceID: "a5", status: "processing"})
+	for i := range 4 {
+		insertFixture(t, pool, fixture{target: "alpha", resourceID: fmt.Sprintf("a%d", 10+i), status: "applied", finishedAt: now.Add(-5 * time.Minute)})
+	}
+	insertFixture(t, pool, fixture{target: "alpha", resourceID: "a20", status: "merged", finishedAt: now.Add(-5 * time.Minute)})
+	insertFixture(t, pool, fixture{target: "alpha", resourceID: "a21", status: "applied", finishedAt: now.Add(-2 * time.Hour)})
+	f.deadID = insertFixture(t, pool, fixture{target: "alpha", resourceID: "a9", status: "dead", attempts: 10, lastError: f.deadLastError, finishedAt: f.deadFinished})
+	insertFixture(t, pool, fixture{target: "beta", resourceID: "b1", status: "pending", createdAt: f.oldestBeta})
+	f.rejID = insertFixture(t, pool, fixture{target: "beta", resourceID: "b2", status: "rejected", attempts: 1, lastError: f.rejectedReason, finishedAt: f.rejFinished})
+
+	insertAttempts(t, pool, "alpha", 10, 3, now.Add(-10*time.Minute))
+	insertAttempts(t, pool, "alpha", 5, 5, now.Add(-2*time.Hour)) // outside the last hour
+	insertAttempts(t, pool, "beta", 1, 0, now.Add(-time.Minute))
+
+	// River jobs: only live jobs of the targets' queues count.
+	execSQL(t, pool, `INSERT INTO river_job (kind, args, queue, state) VALUES
+		('stagesync_apply', '{}', 'stagesync_alpha', 'available'),
+		('stagesync_apply', '{}', 'stagesync_alpha', 'available'),
+		('stagesync_apply', '{}', 'stagesync_alpha', 'running'),
+		('stagesync_apply', '{}', 'stagesync_alpha', 'scheduled'),
+		('stagesync_apply', '{}', 'stagesync_other', 'available')`)
+	execSQL(t, pool, `INSERT INTO river_job (kind, args, queue, state, finalized_at)
+		VALUES ('stagesync_apply', '{}', 'stagesync_alpha', 'completed', now())`)
+	return f
+}
+
+func TestStatusJSONHasTheDatabaseFigures(t *testing.T) {
+	t.Parallel()
+	f := newStatusFixture(t)
+
+	rep, err := collectStatus(t.Context(), f.pool, f.now, 10)
+	require.NoError(t, err)
+	var out bytes.Buffer
+	require.NoError(t, writeStatusJSON(&out, rep))
+
+	ts := func(t time.Time) string { return t.Format(time.RFC3339) }
+	want := fmt.Sprintf(`{
+	  "generated_at": %q,
+	  "backlog": [
+	    {"target": "alpha", "pending": 3, "processing": 2, "oldest_pending_at": %q, "oldest_pending_seconds": 90,
+	     "jobs_available": 2, "jobs_running": 1, "jobs_scheduled": 1},
+	    {"target": "beta", "pending": 1, "processing": 0, "oldest_pending_at": %q, "oldest_pending_seconds": 3600,
+	     "jobs_available": 0, "jobs_running": 0, "jobs_scheduled": 0}
+	  ],
+	  "totals": {"pending": 4, "processing": 2},
+	  "last_hour": [
+	    {"target": "alpha", "requests": 10, "conflicts": 3, "conflict_rate": 0.3,
+	     "finished": {"applied": 4, "merged": 1, "noop": 0, "dead": 1, "rejected": 0}},
+	    {"target": "beta", "requests": 1, "conflicts": 0, "conflict_rate": 0,
+	     "finished": {"applied": 0, "merged": 0, "noop": 0, "dead": 0, "rejected": 1}}
+	  ],
+	  "dead_letters": [
+	    {"id": %d, "target": "beta", "resource_id": "b2", "status": "rejected", "attempts": 1,
+	     "last_error": %q, "finished_at": %q},
+	    {"id": %d, "target": "alpha", "resource_id": "a9", "status": "dead", "attempts": 10,
+	     "last_error": %q, "finished_at": %q}
+	  ]
+	}`, ts(f.now), ts(f.oldestAlpha), ts(f.oldestBeta),
+		f.rejID, f.rejectedReason, ts(f.rejFinished), f.deadID, f.deadLastError, ts(f.deadFinished))
+	require.JSONEq(t, want, out.String())
+}
+
+func TestStatusCommand(t *testing.T) {
+	t.Parallel()
+	f := newStatusFixture(t)
+	getenv := func(string) string { return "" }
+
+	t.Run("json", func(t *testing.T) {
+		var out bytes.Buffer
+		require.NoError(t, run(t.Context(), []string{"status", "--json", "--dead", "1", "--database-url", f.url}, getenv, &out))
+		var rep statusReport
+		require.NoError(t, json.Unmarshal(out.Bytes(), &rep))
+		require.Equal(t, backlogTotals{Pending: 4, Processing: 2}, rep.Totals)
+		require.Len(t, rep.Backlog, 2)
+		require.Equal(t, int64(3), rep.Backlog[0].Pending)
+		require.Equal(t, int64(1), rep.Backlog[1].Pending)
+		require.Len(t, rep.DeadLetters, 1)
+		require.Equal(t, f.rejID, rep.DeadLetters[0].ID)
+		require.Equal(t, int64(3), rep.LastHour[0].Conflicts)
+	})
+
+	t.Run("tables", func(t *testing.T) {
+		var out bytes.Buffer
+		require.NoError(t, run(t.Context(), []string{"status", "--database-url", f.url}, getenv, &out))
+		text := out.String()
+		row := func(prefix string) []string {
+			for _, l := range lines(text) {
+				if fs := strings.Fields(l); len(fs) > 0 && fs[0] == prefix {
+					return fs
+				}
+			}
+			t.Fatalf("no line starting with %q in:\n%s", prefix, text)
+			return nil
+		}
+		// BACKLOG: target pending processing age running queued scheduled.
+		a := row("alpha")
+		require.Equal(t, []string{"alpha", "3", "2"}, a[:3])
+		require.Equal(t, []string{"1", "2", "1"}, a[4:])
+		require.Equal(t, []string{"total", "4", "2"}, row("total"))
+		require.Contains(t, text, "IN FLIGHT: 2 changes processing, 1 jobs running, 2 jobs queued, 1 jobs scheduled for a retry\n")
+		require.Contains(t, text, "DEAD LETTERS (latest 2; requeue with: stagesync requeue --id ID)\n")
+		require.Contains(t, text, f.deadLastError)
+		require.Contains(t, text, f.rejectedReason)
+	})
+
+	t.Run("bad flags", func(t *testing.T) {
+		var out bytes.Buffer
+		err := run(t.Context(), []string{"status", "--watch", "--json", "--database-url", f.url}, getenv, &out)
+		require.EqualError(t, err, "status: --watch and --json don't combine; run --json repeatedly instead")
+		err = run(t.Context(), []string{"status", "--dead", "-1", "--database-url", f.url}, getenv, &out)
+		require.EqualError(t, err, "status: --dead must be between 0 and 1000, got -1")
+	})
+}
+
+func TestStatusWatchDrains(t *testing.T) {
+	t.Parallel()
+	url, pool := testDatabase(t)
+	insertTarget(t, pool, "alpha")
+	for i := range 3 {
+		insertFixture(t, pool, fixture{target: "alpha", resourceID: fmt.Sprintf("r%d", i), status: "pending"})
+	}
+
+	out := &lockedBuffer{}
+	done := make(chan error, 1)
+	go func() {
+		done <- run(t.Context(), []string{"status", "--watch", "--interval", "100ms", "--until-drained", "--database-url", url},
+			func(string) string { return "" }, out)
+	}()
+	waitFor(t, 10*time.Second, "the first progress line", func() bool { return strings.Contains(out.String(), "0/3") })
+	execSQL(t, pool, `UPDATE stagesync.changes SET status = 'applied', finished_at = now()`)
+	select {
+	case err := <-done:
+		require.NoError(t, err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("status --watch --until-drained did not exit after the backlog drained")
+	}
+	ls := lines(out.String())
+	require.Contains(t, ls[0], "[----------------------------------------]  0/3    0%  0/s  ETA -")
+	require.Contains(t, ls[len(ls)-1], "[########################################]  3/3  100%")
+	require.True(t, strings.HasSuffix(ls[len(ls)-1], "  drained"), "last line: %q", ls[len(ls)-1])
+}
+
+func TestProgressLine(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name        string
+		done, total int64
+		rate        float64
+		want        string
+	}{
+		{"nothing to do", 0, 0, 0, "[##########]  0/0  100%  0/s  drained"},
+		{"halfway", 250, 500, 50, "[#####-----]  250/500   50%  50/s  ETA 5s"},
+		{"no rate yet", 1, 3, 0, "[###-------]  1/3   33%  0/s  ETA -"},
+		{"slow", 10, 100, 0.5, "[#---------]  10/100   10%  0.5/s  ETA 3m00s"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			require.Equal(t, tt.want, progressLine(tt.done, tt.total, tt.rate, 10))
+		})
+	}
+}
+
+func TestProgressBarPrintsLinesWhenNotATerminal(t *testing.T) {
+	t.Parallel()
+	var out bytes.Buffer
+	bar := newProgressBar(&out, time.Second)
+	t0 := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
+	bar.update(t0, 0, 100)
+	bar.update(t0.Add(500*time.Millisecond), 40, 100) // too soon for another line
+	bar.update(t0.Add(time.Second), 50, 100)
+	bar.finish(100, 100, "done in 2s")
+	require.Equal(t, "[----------------------------------------]  0/100    0%  0/s  ETA -\n"+
+		"[####################--------------------]  50/100   50%  50/s  ETA 1s\n"+
+		"[########################################]  100/100  100%  done in 2s\n", out.String())
+}
+
+func TestRateMeterWindow(t *testing.T) {
+	t.Parallel()
+	t0 := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
+	m := rateMeter{window: time.Second}
+	require.Equal(t, 0.0, m.rate())
+	m.add(t0, 0)
+	m.add(t0.Add(time.Second), 10)
+	m.add(t0.Add(2*time.Second), 30)
+	require.Equal(t, 20.0, m.rate())
+	require.Len(t, m.samples, 2)
+}
+
+func TestFormatAge(t *testing.T) {
+	t.Parallel()
+	for d, want := range map[time.Duration]string{
+		850 * time.Millisecond:        "850ms",
+		42 * time.Second:              "42s",
+		192 * time.Second:             "3m12s",
+		5*time.Hour + 3*time.Minute:   "5h03m",
+		52*time.Hour + 10*time.Minute: "2d04h",
+	} {
+		require.Equal(t, want, formatAge(d), "formatAge(%v)", d)
+	}
+}
