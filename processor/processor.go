@@ -46,6 +46,7 @@ type Processor struct {
 	q       *db.Queries
 	remotes map[string]*remote
 	client  *river.Client[pgx.Tx]
+	waker   *waker
 }
 
 // New validates the options and builds the River client. Nothing runs
@@ -55,6 +56,7 @@ func New(cfg *Config, opts Options) (*Processor, error) {
 		return nil, errors.New("processor: Pool and Logger are required")
 	}
 	p := &Processor{cfg: cfg, pool: opts.Pool, logger: opts.Logger, metrics: opts.Metrics, q: db.New(), remotes: map[string]*remote{}}
+	p.waker = newWaker(opts.Logger)
 	if p.metrics == nil {
 		p.metrics = NewMetrics(nil)
 	}
@@ -79,11 +81,16 @@ func New(cfg *Config, opts Options) (*Processor, error) {
 		Queues:  queues,
 		Workers: workers,
 		// River wakes producers by LISTEN/NOTIFY on insert; a short
-		// cooldown keeps insert-to-start latency in milliseconds.
+		// cooldown keeps insert-to-start latency in milliseconds. Jobs the
+		// waker makes available early send no notification, so producers
+		// also poll often (an indexed query per queue).
 		FetchCooldown:        5 * time.Millisecond,
-		FetchPollInterval:    time.Second,
+		FetchPollInterval:    100 * time.Millisecond,
 		RescueStuckJobsAfter: cfg.Dispatch.RescueAfter.D(),
-		SoftStopTimeout:      cfg.Dispatch.ShutdownGrace.D(),
+		// Apply jobs set their own timeout (applyWorker.Timeout), never
+		// beyond RescueAfter, so a live job is not rescued as a dead one.
+		JobTimeout:      cfg.Dispatch.RescueAfter.D(),
+		SoftStopTimeout: cfg.Dispatch.ShutdownGrace.D(),
 		PeriodicJobs: []*river.PeriodicJob{
 			river.NewPeriodicJob(river.PeriodicInterval(cfg.Dispatch.PollInterval.D()),
 				func() (river.JobArgs, *river.InsertOpts) { return DispatchArgs{}, nil },
@@ -143,6 +150,7 @@ func (p *Processor) Run(ctx context.Context) error {
 	if err := p.client.Start(context.WithoutCancel(ctx)); err != nil {
 		return fmt.Errorf("start river: %w", err)
 	}
+	p.waker.start(context.WithoutCancel(ctx), p.client)
 	wake := make(chan struct{}, 1)
 	var wg sync.WaitGroup
 	wg.Go(func() { p.listen(ctx, wake) })
@@ -154,7 +162,9 @@ func (p *Processor) Run(ctx context.Context) error {
 	p.logger.Info("processor stopping: waiting for running jobs", "grace", p.cfg.Dispatch.ShutdownGrace.D().String())
 	stopCtx, cancel := context.WithTimeout(context.Background(), p.cfg.Dispatch.ShutdownGrace.D()+30*time.Second)
 	defer cancel()
-	if err := p.client.Stop(stopCtx); err != nil {
+	err := p.client.Stop(stopCtx)
+	p.waker.stop()
+	if err != nil {
 		return fmt.Errorf("stop river: %w", err)
 	}
 	p.logger.Info("processor stopped")

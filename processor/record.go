@@ -8,6 +8,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river"
+	"github.com/riverqueue/river/rivertype"
 
 	"github.com/stagesync/stagesync/db"
 )
@@ -58,7 +59,9 @@ func (p *Processor) record(ctx context.Context, conn *pgxpool.Conn, t *TargetCon
 		}
 	}
 
+	var inserted []*rivertype.JobInsertResult
 	err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+		var err error
 		if len(attempts) > 0 {
 			if _, err := p.q.AttemptsInsert(ctx, tx, attempts); err != nil {
 				return fmt.Errorf("insert attempts: %w", err)
@@ -80,7 +83,7 @@ func (p *Processor) record(ctx context.Context, conn *pgxpool.Conn, t *TargetCon
 			}
 		}
 		if len(retries) > 0 {
-			if _, err := p.client.InsertManyTx(ctx, tx, retries); err != nil {
+			if inserted, err = p.client.InsertManyTx(ctx, tx, retries); err != nil {
 				return fmt.Errorf("schedule retries: %w", err)
 			}
 		}
@@ -88,6 +91,9 @@ func (p *Processor) record(ctx context.Context, conn *pgxpool.Conn, t *TargetCon
 	})
 	if err != nil {
 		return fmt.Errorf("record results of %d resources: %w", len(runs), err)
+	}
+	for _, r := range inserted {
+		p.waker.at(r.Job.ID, r.Job.ScheduledAt)
 	}
 	for status, n := range finished {
 		p.metrics.observeFinished(t.Name, status, n)

@@ -8,7 +8,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river"
 
@@ -44,14 +43,16 @@ type applyWorker struct {
 }
 
 // Timeout allows every resource of the job a few requests' worth of the
-// target's timeout at its concurrency, plus slack for the database.
+// target's timeout at its concurrency, plus slack for the database, but
+// never more than RescueAfter. A job that times out records what it did and
+// leaves the rest to a follow-up job.
 func (w *applyWorker) Timeout(job *river.Job[ApplyArgs]) time.Duration {
 	t := w.p.cfg.Targets[job.Args.Target]
 	if t == nil {
 		return time.Minute
 	}
 	waves := (len(job.Args.ResourceIDs) + t.Concurrency - 1) / t.Concurrency
-	return time.Duration(waves*4)*t.Timeout.D() + 30*time.Second
+	return min(time.Duration(waves*4)*t.Timeout.D()+30*time.Second, w.p.cfg.Dispatch.RescueAfter.D())
 }
 
 // Work serializes on the resources with advisory locks, applies their open
@@ -139,12 +140,13 @@ func (w *applyWorker) Work(ctx context.Context, job *river.Job[ApplyArgs]) error
 		}
 	}
 	if len(busy) > 0 {
-		_, err := river.ClientFromContext[pgx.Tx](ctx).Insert(context.WithoutCancel(ctx),
+		res, err := p.client.Insert(context.WithoutCancel(ctx),
 			ApplyArgs{Target: t.Name, ResourceIDs: busy},
 			&river.InsertOpts{Queue: QueueName(t.Name), ScheduledAt: time.Now().Add(busyRetryDelay)})
 		if err != nil {
 			return fmt.Errorf("schedule %d busy resources: %w", len(busy), err)
 		}
+		p.waker.at(res.Job.ID, res.Job.ScheduledAt)
 		log.DebugContext(ctx, "resources locked by another job; retry scheduled", "resources", len(busy))
 	}
 	p.metrics.observeJob(t.Name, "done")
