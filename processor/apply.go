@@ -389,6 +389,11 @@ func (a *applier) succeed(rr *resourceRun, live []openChange, resp response, st 
 // failure handles a non-conflict error: transport errors, 429, 408 and 5xx
 // retry later; any other status means the remote refused the change.
 func (a *applier) failure(rr *resourceRun, live []openChange, resp response) bool {
+	if resp.notSent {
+		// The job is stopping; its follow-up job sends this. The changes
+		// stay processing with nothing counted against them.
+		return false
+	}
 	if resp.status == 0 || retryableStatus(resp.status) {
 		return a.retryLater(rr, live, resp)
 	}
@@ -452,6 +457,9 @@ func backoff(base, ceiling time.Duration, attempt int) time.Duration {
 // unreachable remote exhausts the budget like failed writes do.
 func (a *applier) fetch(ctx context.Context, rr *resourceRun, live []openChange) response {
 	resp := a.r.fetch(ctx, rr.id, changeIDs(live))
+	if resp.notSent {
+		return resp
+	}
 	rr.attempts = append(rr.attempts, resp.attempt)
 	if resp.status != http.StatusOK && resp.status != http.StatusNotFound {
 		for _, c := range live {
@@ -463,6 +471,9 @@ func (a *applier) fetch(ctx context.Context, rr *resourceRun, live []openChange)
 
 // count records a write request and counts it for each change it carried.
 func (a *applier) count(rr *resourceRun, live []openChange, resp response) {
+	if resp.notSent {
+		return
+	}
 	rr.attempts = append(rr.attempts, resp.attempt)
 	for _, c := range live {
 		rr.outcome(c.id).addAttempts++

@@ -46,6 +46,10 @@ type response struct {
 	retryAfter time.Duration
 	err        error // transport error, or the remote's error text for 4xx/5xx
 	attempt    attemptRecord
+	// notSent: the job ended before the request left (waiting for a
+	// concurrency slot or the rate limiter). No attempt was made, so none
+	// is recorded or counted.
+	notSent bool
 }
 
 // attemptRecord becomes one stagesync.attempts row.
@@ -102,11 +106,13 @@ func (r *remote) do(ctx context.Context, req request) response {
 	select {
 	case r.sem <- struct{}{}:
 	case <-ctx.Done():
-		return r.failed(req, time.Now(), ctx.Err())
+		return response{notSent: true, err: ctx.Err()}
 	}
 	defer func() { <-r.sem }()
 	if err := r.limiter.Wait(ctx); err != nil {
-		return r.failed(req, time.Now(), fmt.Errorf("rate limiter: %w", err))
+		// The job is ending (cancelled, or its deadline comes before the
+		// limiter would let this request go).
+		return response{notSent: true, err: fmt.Errorf("rate limiter: %w", err)}
 	}
 
 	var body io.Reader

@@ -218,6 +218,9 @@ func (p *Processor) prefetchETags(ctx context.Context, a *applier, runs []*resou
 			cids = append(cids, changeIDs(rr.changes)...)
 		}
 		etags, resp := a.r.batchETags(ctx, ids, cids)
+		if resp.notSent {
+			return
+		}
 		// The batch request is recorded once, with the first resource's run.
 		chunk[0].attempts = append(chunk[0].attempts, resp.attempt)
 		if etags == nil {

@@ -67,6 +67,9 @@ type Options struct {
 	IdempotencyCache bool
 
 	// Latency is added to every API request, honouring the request context.
+	// Go's server notices a departed client only once the body is read, so
+	// a write whose client gave up during the sleep is still applied: the
+	// realistic "outcome unknown" case a client must survive.
 	Latency time.Duration
 
 	// ErrorRate is the fraction in [0,1] of API requests answered 500 or 503 (alternately)

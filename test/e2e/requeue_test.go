@@ -1,0 +1,69 @@
+package e2e
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/stagesync/stagesync/test/remotesim"
+)
+
+// A change that cannot finish ends dead or rejected; once the remote is
+// fixed, stagesync.requeue brings it back and it finishes applied.
+func TestDeadFixRequeue(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name       string
+		batchPath  string // "" = no batch endpoint: single GETs
+		faults     remotesim.Faults
+		missing    bool // the resource does not exist until fixed
+		wantStatus string
+		wantError  string
+		attempts   int
+	}{
+		{name: "missing_batch_lookup", batchPath: "/assignments", missing: true, wantStatus: "rejected", wantError: "not found", attempts: 0},
+		{name: "missing_single_get", missing: true, wantStatus: "rejected", wantError: "not found", attempts: 0},
+		{name: "remote_down", batchPath: "/assignments", faults: remotesim.Faults{ErrorRate: 1}, wantStatus: "dead", wantError: "gave up after 2 attempts", attempts: 2},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			h := newHarness(t, remotesim.Options{})
+			if !tt.missing {
+				h.sim.Put("acct-1", map[string]any{"owner": "seed", "status": "open"})
+			}
+			h.sim.SetFaults(tt.faults)
+			h.startProcessor(configYAML(nil, map[string]string{"batch_etag_path": tt.batchPath, "max_attempts": "2"}))
+			ids := h.insert(change{resource: "acct-1", fields: map[string]any{"owner": "crm"}})
+			h.waitDrained(30 * time.Second)
+			r := h.changes(ids)[ids[0]]
+			require.Equal(t, tt.wantStatus, r.status, "status before the fix: got %s; want %s (last_error %q)", r.status, tt.wantStatus, r.lastError)
+			require.Contains(t, r.lastError, tt.wantError, "last_error: got %q; want it to contain %q", r.lastError, tt.wantError)
+			require.Equal(t, tt.attempts, r.attempts, "attempts: got %d; want %d", r.attempts, tt.attempts)
+			var deadLetters int
+			require.NoError(t, h.pool.QueryRow(context.Background(), `SELECT count(*) FROM stagesync.dead_letters`).Scan(&deadLetters))
+			require.Equal(t, 1, deadLetters, "dead_letters rows: got %d; want 1", deadLetters)
+
+			// Fix the remote, then requeue.
+			h.sim.SetFaults(remotesim.Faults{})
+			if tt.missing {
+				h.sim.Put("acct-1", map[string]any{"owner": "seed", "status": "open"})
+			}
+			var moved int
+			require.NoError(t, h.pool.QueryRow(context.Background(),
+				`SELECT stagesync.requeue(ids => $1::bigint[], include_rejected => true)`, ids).Scan(&moved))
+			require.Equal(t, 1, moved, "requeue moved: got %d; want 1", moved)
+			h.waitDrained(30 * time.Second)
+			r = h.changes(ids)[ids[0]]
+			require.Equal(t, "applied", r.status, "status after requeue: got %s; want applied (last_error %q)", r.status, r.lastError)
+			require.Equal(t, 1, r.attempts, "attempts after requeue: got %d; want 1 (the budget was reset)", r.attempts)
+			h.requireRemote(map[string]map[string]any{"acct-1": {"owner": "crm", "status": "open"}})
+			require.Len(t, h.apiVersions("acct-1"), 1, "api writes: got %d; want 1", len(h.apiVersions("acct-1")))
+			n := h.count(`SELECT count(*) FROM stagesync.admin_actions WHERE action = 'requeue' AND affected = 1`)
+			require.Equal(t, 1, n, "admin_actions requeue rows: got %d; want 1", n)
+			h.requireAuditMatchesRemote()
+		})
+	}
+}

@@ -1,0 +1,82 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net/url"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/stagesync/stagesync/test/remotesim"
+)
+
+// The credential named by auth.env is sent on every request and appears
+// nowhere else: not in attempts rows, targets settings or logs.
+func TestAuthHeaderSentNeverStored(t *testing.T) {
+	t.Parallel()
+	const secret = "s3cr3t-token-7f3a9"
+	h := newHarness(t, remotesim.Options{})
+	h.env = map[string]string{"SIM_TOKEN": secret}
+	ids := resourceIDs("auth", 10)
+	h.seed(ids, map[string]any{"owner": "seed"})
+	h.startProcessor(configYAML(nil, map[string]string{"auth": "{env: SIM_TOKEN, prefix: 'Bearer '}"}))
+	var cs []change
+	for _, id := range ids {
+		cs = append(cs, change{resource: id, fields: map[string]any{"owner": "crm"}})
+	}
+	cs = append(cs, change{resource: "ghost", fields: map[string]any{"owner": "crm"}})
+	h.insert(cs...)
+	h.waitDrained(30 * time.Second)
+	require.Equal(t, map[string]int{"applied": 10, "rejected": 1}, h.statusCounts(), "status counts: got %v; want 10 applied, 1 rejected", h.statusCounts())
+
+	reqs := h.sim.Requests()
+	require.NotEmpty(t, reqs)
+	for _, r := range reqs {
+		require.Equal(t, "present", r.Authorization, "Authorization of %s %s: got %q; want present", r.Method, r.Path, r.Authorization)
+	}
+	var leaks int
+	require.NoError(t, h.pool.QueryRow(context.Background(), `
+		SELECT (SELECT count(*) FROM stagesync.attempts a WHERE a::text LIKE '%' || $1 || '%')
+		     + (SELECT count(*) FROM stagesync.targets t WHERE t::text LIKE '%' || $1 || '%')
+		     + (SELECT count(*) FROM stagesync.changes c WHERE c::text LIKE '%' || $1 || '%')
+		     + (SELECT count(*) FROM stagesync.resources r WHERE r::text LIKE '%' || $1 || '%')`, secret).Scan(&leaks))
+	require.Equal(t, 0, leaks, "rows containing the credential: got %d; want 0", leaks)
+	require.NotContains(t, h.logs.tail(1<<30), secret, "processor logs contain the credential")
+}
+
+// Resource ids are path-escaped into item_path: each id reaches exactly its
+// own resource, whatever characters it holds.
+func TestIDsCannotEscapeTheItemPath(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, remotesim.Options{})
+	ids := []string{".", "..", "../admin", "a/b", "a/../b", "x?y=1", "h#f", "sp ace", "%2F", "%2e%2e", "ü/€", "semi;colon", "back\\slash"}
+	h.seed(ids, map[string]any{"owner": "seed"})
+	h.sim.Put("admin", map[string]any{"owner": "admin"})
+	h.sim.Put("b", map[string]any{"owner": "b"})
+	h.startProcessor(configYAML(nil, nil))
+	var cs []change
+	for i, id := range ids {
+		cs = append(cs, change{resource: id, fields: map[string]any{"owner": fmt.Sprintf("crm-%d", i)}})
+	}
+	h.insert(cs...)
+	h.waitDrained(30 * time.Second)
+	require.Equal(t, map[string]int{"applied": len(ids)}, h.statusCounts(), "status counts: got %v; want %d applied", h.statusCounts(), len(ids))
+	want := expected(map[string]any{"owner": "seed"}, ids, cs)
+	want["admin"] = map[string]any{"owner": "admin"}
+	want["b"] = map[string]any{"owner": "b"}
+	h.requireRemote(want)
+	for _, r := range h.sim.Requests() {
+		if r.ID == "" {
+			continue
+		}
+		require.True(t, strings.HasPrefix(r.Path, "/assignments/"), "request path %q: want it under /assignments/", r.Path)
+		seg := strings.TrimPrefix(r.Path, "/assignments/")
+		require.NotContains(t, seg, "/", "request path %q: got more than one segment", r.Path)
+		dec, err := url.PathUnescape(seg)
+		require.NoError(t, err)
+		require.Equal(t, r.ID, dec, "request path %q decodes to %q; want the id %q", r.Path, dec, r.ID)
+	}
+}
