@@ -218,14 +218,9 @@ func (a *applier) create(ctx context.Context, rr *resourceRun, seg []openChange)
 func (a *applier) delete(ctx context.Context, rr *resourceRun, seg []openChange) bool {
 	st := rr.state
 	if st.etag == "" || st.deleted || st.missing {
-		cur := a.fetch(ctx, rr, seg)
-		switch {
-		case cur.status == http.StatusNotFound:
-			rr.setState(resourceState{deleted: true})
-			rr.finish(seg, statusNoop, "", "")
-			return true
-		case cur.status != http.StatusOK || cur.etag == "":
-			return a.failure(rr, seg, cur)
+		cur, settled, verdict := a.fetchForDelete(ctx, rr, seg)
+		if settled {
+			return verdict
 		}
 		st = a.stateFrom(cur)
 		rr.setState(st)
@@ -249,14 +244,9 @@ func (a *applier) delete(ctx context.Context, rr *resourceRun, seg []openChange)
 			if round > 0 {
 				return a.retryLater(rr, seg, resp)
 			}
-			cur := a.fetch(ctx, rr, seg)
-			switch {
-			case cur.status == http.StatusNotFound:
-				rr.setState(resourceState{deleted: true})
-				rr.finish(seg, statusNoop, "", "")
-				return true
-			case cur.status != http.StatusOK || cur.etag == "":
-				return a.failure(rr, seg, cur)
+			cur, settled, verdict := a.fetchForDelete(ctx, rr, seg)
+			if settled {
+				return verdict
 			}
 			if a.t.Merge.Default == PolicyManual {
 				rr.setState(a.stateFrom(cur))
@@ -268,6 +258,22 @@ func (a *applier) delete(ctx context.Context, rr *resourceRun, seg []openChange)
 			return a.failure(rr, seg, resp)
 		}
 	}
+}
+
+// fetchForDelete GETs a resource about to be deleted. It settles the
+// segment (settled, with run's verdict) when the resource is already gone
+// (a noop) or the GET failed; otherwise the delete goes on with cur.
+func (a *applier) fetchForDelete(ctx context.Context, rr *resourceRun, seg []openChange) (cur response, settled, verdict bool) {
+	cur = a.fetch(ctx, rr, seg)
+	switch {
+	case cur.status == http.StatusNotFound:
+		rr.setState(resourceState{deleted: true})
+		rr.finish(seg, statusNoop, "", "")
+		return cur, true, true
+	case cur.status != http.StatusOK || cur.etag == "":
+		return cur, true, a.failure(rr, seg, cur)
+	}
+	return cur, false, false
 }
 
 // mergeAndWrite resolves a conflict: three-way merge of base, ours and the

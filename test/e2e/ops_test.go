@@ -63,3 +63,58 @@ func TestCreateAndDeleteOps(t *testing.T) {
 	require.Equal(t, etag, stored["fresh"].etag, "stored ETag of fresh: got %q; want %q", stored["fresh"].etag, etag)
 	h.requireAuditMatchesRemote()
 }
+
+// A delete whose stored ETag is stale (a person edited the resource since
+// stagesync last wrote it) refetches; with the default policy ours the
+// delete goes through with the fresh ETag, with manual it ends dead for a
+// person to decide and the resource stays.
+func TestDeleteAfterARemoteEdit(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		policy     string
+		wantStatus string
+		wantGone   bool
+	}{
+		{policy: "ours", wantStatus: "applied", wantGone: true},
+		{policy: "manual", wantStatus: "dead", wantGone: false},
+	} {
+		t.Run("default policy "+tc.policy, func(t *testing.T) {
+			t.Parallel()
+			h := newHarness(t, remotesim.Options{ConflictStatus: http.StatusPreconditionFailed})
+			h.sim.Put("acct", map[string]any{"owner": "seed"})
+			h.startProcessor(configYAML(nil, map[string]string{"merge": "{default: " + tc.policy + "}"}))
+
+			// Store an ETag and snapshot by writing once.
+			first := h.insert(change{resource: "acct", fields: map[string]any{"status": "open"}})
+			h.waitDrained(30 * time.Second)
+			require.Equal(t, "applied", h.changes(first)[first[0]].status)
+			h.sim.Edit("acct", map[string]any{"owner": "a person"}, "other-user")
+
+			ids := h.insert(change{resource: "acct", op: "delete"})
+			h.waitDrained(30 * time.Second)
+			row := h.changes(ids)[ids[0]]
+			require.Equal(t, tc.wantStatus, row.status, "delete after a remote edit: got %s; want %s (last_error %q)", row.status, tc.wantStatus, row.lastError)
+			_, _, exists := h.sim.Get("acct")
+			require.Equal(t, !tc.wantGone, exists, "resource exists: got %v; want %v", exists, !tc.wantGone)
+
+			var deletes, conflicts int
+			for _, r := range h.sim.Requests() {
+				if r.Method == http.MethodDelete {
+					deletes++
+					if r.Status == http.StatusPreconditionFailed {
+						conflicts++
+					}
+				}
+			}
+			wantDeletes := 1
+			if tc.wantGone {
+				wantDeletes = 2 // the stale one, then the one with the fresh ETag
+			} else {
+				require.Contains(t, row.lastError, "needs_review")
+			}
+			require.Equal(t, wantDeletes, deletes, "DELETE requests: got %d; want %d", deletes, wantDeletes)
+			require.Equal(t, 1, conflicts, "DELETEs answered 412: got %d; want 1", conflicts)
+			h.requireAuditMatchesRemote()
+		})
+	}
+}
