@@ -67,3 +67,51 @@ func TestDeadFixRequeue(t *testing.T) {
 		})
 	}
 }
+
+// A manual-policy conflict ends dead with needs_review and writes nothing;
+// requeueing it is the operator's decision for the upstream value, which
+// is then written over the person's edit. If the person edits the field
+// again before the requeue, the merge runs again and asks again.
+func TestRequeueDecidesANeedsReviewChange(t *testing.T) {
+	t.Parallel()
+	for _, editedAgain := range []bool{false, true} {
+		name := "requeued as is"
+		if editedAgain {
+			name = "edited again before the requeue"
+		}
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			h := newHarness(t, remotesim.Options{})
+			h.sim.Put("acct-1", map[string]any{"region": "north", "status": "open"})
+			h.startProcessor(configYAML(nil, map[string]string{"merge": "{default: ours, fields: {region: manual}}"}))
+			first := h.insert(change{resource: "acct-1", fields: map[string]any{"status": "synced"}})
+			h.waitDrained(30 * time.Second)
+			require.Equal(t, "applied", h.changes(first)[first[0]].status)
+
+			h.sim.Edit("acct-1", map[string]any{"region": "a person's"}, "other-user")
+			ids := h.insert(change{resource: "acct-1", fields: map[string]any{"region": "crm's"}})
+			h.waitDrained(30 * time.Second)
+			r := h.changes(ids)[ids[0]]
+			require.Equal(t, "dead", r.status, "status: got %s; want dead (last_error %q)", r.status, r.lastError)
+			require.Contains(t, r.lastError, "needs_review")
+			fields, _, _ := h.sim.Get("acct-1")
+			require.Equal(t, "a person's", fields["region"], "region before the requeue: got %v; want the person's", fields["region"])
+
+			wantStatus, wantRegion := "applied", "crm's"
+			if editedAgain {
+				h.sim.Edit("acct-1", map[string]any{"region": "a person's second"}, "other-user")
+				wantStatus, wantRegion = "dead", "a person's second"
+			}
+			var moved int
+			require.NoError(t, h.pool.QueryRow(context.Background(),
+				`SELECT stagesync.requeue(ids => $1::bigint[])`, ids).Scan(&moved))
+			require.Equal(t, 1, moved)
+			h.waitDrained(30 * time.Second)
+			r = h.changes(ids)[ids[0]]
+			require.Equal(t, wantStatus, r.status, "status after requeue: got %s; want %s (last_error %q)", r.status, wantStatus, r.lastError)
+			fields, _, _ = h.sim.Get("acct-1")
+			require.Equal(t, wantRegion, fields["region"], "region after the requeue: got %v; want %v", fields["region"], wantRegion)
+			h.requireAuditMatchesRemote()
+		})
+	}
+}
