@@ -79,11 +79,13 @@ WHERE target = $1
   AND resource_id = ANY ($2::text[])
   AND status IN ('pending', 'processing')
 ORDER BY resource_id, id
+LIMIT $3
 `
 
 type ChangesListOpenParams struct {
 	Target      string   `json:"target"`
 	ResourceIDs []string `json:"resource_ids"`
+	Max         int32    `json:"max"`
 }
 
 type ChangesListOpenRow struct {
@@ -94,9 +96,12 @@ type ChangesListOpenRow struct {
 	Attempts   int32  `json:"attempts"`
 }
 
-// Every open change of the locked resources, in the order they must apply.
+// The open changes of the locked resources, in the order they must apply,
+// at most @max of them: a job works a deep backlog in rounds of bounded
+// memory. A resource cut off by the limit gets its prefix now (in id
+// order) and the rest next round.
 func (q *Queries) ChangesListOpen(ctx context.Context, db DBTX, arg ChangesListOpenParams) ([]ChangesListOpenRow, error) {
-	rows, err := db.Query(ctx, changesListOpen, arg.Target, arg.ResourceIDs)
+	rows, err := db.Query(ctx, changesListOpen, arg.Target, arg.ResourceIDs, arg.Max)
 	if err != nil {
 		return nil, err
 	}

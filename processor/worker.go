@@ -32,6 +32,10 @@ func QueueName(target string) string { return "stagesync_" + target }
 // changes that arrived while it worked; leftovers get a follow-up job.
 const maxRounds = 20
 
+// maxChangesPerRound bounds the changes one job holds in memory at once,
+// so draining a deep backlog keeps a flat footprint.
+const maxChangesPerRound = 5000
+
 // busyRetryDelay is when a job retries resources whose lock another job
 // held. The holder takes every open change it finds, so this retry usually
 // finds nothing left to do.
@@ -132,12 +136,16 @@ func (w *applyWorker) Work(ctx context.Context, job *river.Job[ApplyArgs]) error
 			p.metrics.observeJob(t.Name, "error")
 			return err
 		}
-		todo = todo[:0:0]
+		// Resources waiting for a retry job are done here; the others are
+		// checked again for changes that arrived meanwhile or did not fit
+		// in this round.
+		retrying := map[string]bool{}
 		for _, rr := range runs {
-			if rr.retryAt.IsZero() {
-				todo = append(todo, rr.id)
+			if !rr.retryAt.IsZero() {
+				retrying[rr.id] = true
 			}
 		}
+		todo = slices.DeleteFunc(todo, func(id string) bool { return retrying[id] })
 	}
 	if len(busy) > 0 {
 		res, err := p.client.Insert(context.WithoutCancel(ctx),
@@ -155,7 +163,7 @@ func (w *applyWorker) Work(ctx context.Context, job *river.Job[ApplyArgs]) error
 
 // loadRuns reads the open changes and stored state of the resources.
 func (p *Processor) loadRuns(ctx context.Context, conn *pgxpool.Conn, t *TargetConfig, ids []string) ([]*resourceRun, error) {
-	rows, err := p.q.ChangesListOpen(ctx, conn, db.ChangesListOpenParams{Target: t.Name, ResourceIDs: ids})
+	rows, err := p.q.ChangesListOpen(ctx, conn, db.ChangesListOpenParams{Target: t.Name, ResourceIDs: ids, Max: maxChangesPerRound})
 	if err != nil {
 		return nil, fmt.Errorf("list open changes: %w", err)
 	}

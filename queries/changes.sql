@@ -23,13 +23,17 @@ RETURNING c.id, c.target, c.resource_id,
     ) AS covered;
 
 -- name: ChangesListOpen :many
--- Every open change of the locked resources, in the order they must apply.
+-- The open changes of the locked resources, in the order they must apply,
+-- at most @max of them: a job works a deep backlog in rounds of bounded
+-- memory. A resource cut off by the limit gets its prefix now (in id
+-- order) and the rest next round.
 SELECT id, resource_id, op, fields, attempts
 FROM stagesync.changes
 WHERE target = @target
   AND resource_id = ANY (@resource_ids::text[])
   AND status IN ('pending', 'processing')
-ORDER BY resource_id, id;
+ORDER BY resource_id, id
+LIMIT @max;
 
 -- name: ChangesRecord :exec
 -- Records the outcome of many changes in one statement: a terminal state,

@@ -56,3 +56,34 @@ func TestOrderingUnderInterleavedInserts(t *testing.T) {
 	require.Equal(t, 1, h.sim.Stats().MaxInFlightPerResource, "max in flight per resource: got %d; want 1", h.sim.Stats().MaxInFlightPerResource)
 	h.requireAuditMatchesRemote()
 }
+
+// A backlog deeper than one round of a job (5,000 changes) is worked in
+// bounded rounds: a resource cut off by the round's limit gets its older
+// changes first and the rest in the next round, so the remote still ends
+// with the newest values and never sees an older one after a newer.
+func TestDeepBacklogIsWorkedInBoundedRoundsInOrder(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, remotesim.Options{})
+	ids := []string{"deep-a", "deep-b"}
+	h.seed(ids, map[string]any{"seq": -1})
+	_, err := h.pool.Exec(context.Background(), `INSERT INTO stagesync.targets (name, base_url, item_path) VALUES ($1, 'http://127.0.0.1:1', '/x/{id}')`, target)
+	require.NoError(t, err)
+	// 3,500 changes each, staged before the processor starts so that one
+	// job finds all 7,000 open: deep-a fits in the first round, deep-b is
+	// cut after 1,500.
+	const perResource = 3500
+	_, err = h.pool.Exec(context.Background(), `INSERT INTO stagesync.changes (target, resource_id, fields)
+		SELECT $1, r, jsonb_build_object('seq', g) FROM generate_series(0, $2::int - 1) g, unnest($3::text[]) r
+		ORDER BY g, r`, target, perResource, ids)
+	require.NoError(t, err)
+	h.startProcessor(configYAML(nil, nil))
+	h.waitDrained(60 * time.Second)
+
+	require.Equal(t, map[string]int{"applied": 2 * perResource}, h.statusCounts())
+	for _, id := range ids {
+		seq := h.requireIncreasing(id, "seq")
+		require.Equal(t, float64(perResource-1), seq[len(seq)-1], "last seq of %s: got %v; want %d", id, seq[len(seq)-1], perResource-1)
+	}
+	require.Len(t, h.apiVersions("deep-a"), 1, "deep-a: all its changes fit one round, one PATCH")
+	require.Len(t, h.apiVersions("deep-b"), 2, "deep-b: cut by the round limit, two PATCHes in id order")
+}
