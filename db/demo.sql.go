@@ -34,7 +34,7 @@ INSERT INTO stagesync.changes (target, resource_id, fields, source, idempotency_
 SELECT $1::text, e.r ->> 'resource_id', e.r -> 'fields', $2::text, e.r ->> 'idempotency_key'
 FROM jsonb_array_elements($3::jsonb) WITH ORDINALITY AS e (r, ord)
 ORDER BY e.ord
-ON CONFLICT (source, idempotency_key) DO NOTHING
+ON CONFLICT DO NOTHING
 RETURNING id
 `
 

@@ -58,9 +58,15 @@ CREATE TABLE stagesync.changes (
     CONSTRAINT changes_status_valid CHECK (status IN ('pending', 'processing', 'applied', 'merged', 'noop', 'dead', 'rejected')),
     CONSTRAINT changes_attempts_not_negative CHECK (attempts >= 0),
     CONSTRAINT changes_finished_iff_terminal CHECK (
-        (status IN ('pending', 'processing')) = (finished_at IS NULL)),
-    CONSTRAINT changes_idempotency_key_unique UNIQUE (source, idempotency_key)
+        (status IN ('pending', 'processing')) = (finished_at IS NULL))
 );
+
+-- Unique per upstream, for the rows that carry a key. Partial, so the many
+-- rows without one cost no entry on each of their updates; a retried insert
+-- uses plain ON CONFLICT DO NOTHING (or names the predicate:
+-- ON CONFLICT (source, idempotency_key) WHERE idempotency_key IS NOT NULL).
+CREATE UNIQUE INDEX changes_idempotency_key_unique ON stagesync.changes (source, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
 
 -- Finding pending work must stay cheap with millions of finished rows: these
 -- partial indexes only hold open (or failed) changes, so they stay as small

@@ -9,7 +9,7 @@ INSERT INTO stagesync.changes (target, resource_id, fields, source, idempotency_
 SELECT @target::text, e.r ->> 'resource_id', e.r -> 'fields', @source::text, e.r ->> 'idempotency_key'
 FROM jsonb_array_elements(@rows::jsonb) WITH ORDINALITY AS e (r, ord)
 ORDER BY e.ord
-ON CONFLICT (source, idempotency_key) DO NOTHING
+ON CONFLICT DO NOTHING
 RETURNING id;
 
 -- name: DemoChangeGet :one
