@@ -18,21 +18,34 @@ DBURL = $$(cat $(BIN)/database_url)
 all: lint test
 
 # sqlc builds from source with cgo and takes minutes the first time, so the
-# binary is kept per version outside the clone and copied in.
-$(SQLC):
-	@mkdir -p $(BIN) $(TOOLS_CACHE)/sqlc-$(SQLC_VERSION)
+# binary is kept per version outside the clone and copied in. Each tool
+# depends on a stamp named after its version, so changing SQLC_VERSION or
+# STATICCHECK_VERSION replaces the copy in bin/.
+$(SQLC): $(BIN)/.sqlc-$(SQLC_VERSION)
+	@mkdir -p $(TOOLS_CACHE)/sqlc-$(SQLC_VERSION)
 	@if [ ! -x $(TOOLS_CACHE)/sqlc-$(SQLC_VERSION)/sqlc ]; then \
 		echo "installing sqlc $(SQLC_VERSION) (first time only; takes a few minutes)"; \
 		GOBIN=$(TOOLS_CACHE)/sqlc-$(SQLC_VERSION) $(GO) install github.com/sqlc-dev/sqlc/cmd/sqlc@$(SQLC_VERSION); \
 	fi
 	cp $(TOOLS_CACHE)/sqlc-$(SQLC_VERSION)/sqlc $@
 
-$(STATICCHECK):
-	@mkdir -p $(BIN) $(TOOLS_CACHE)/staticcheck-$(STATICCHECK_VERSION)
+$(STATICCHECK): $(BIN)/.staticcheck-$(STATICCHECK_VERSION)
+	@mkdir -p $(TOOLS_CACHE)/staticcheck-$(STATICCHECK_VERSION)
 	@if [ ! -x $(TOOLS_CACHE)/staticcheck-$(STATICCHECK_VERSION)/staticcheck ]; then \
 		GOBIN=$(TOOLS_CACHE)/staticcheck-$(STATICCHECK_VERSION) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION); \
 	fi
 	cp $(TOOLS_CACHE)/staticcheck-$(STATICCHECK_VERSION)/staticcheck $@
+
+# A version's stamp replaces the stamps of the tool's other versions.
+$(BIN)/.sqlc-$(SQLC_VERSION):
+	@mkdir -p $(BIN)
+	@rm -f $(BIN)/.sqlc-*
+	@touch $@
+
+$(BIN)/.staticcheck-$(STATICCHECK_VERSION):
+	@mkdir -p $(BIN)
+	@rm -f $(BIN)/.staticcheck-*
+	@touch $@
 
 tools: $(SQLC) $(STATICCHECK)
 

@@ -130,7 +130,10 @@ const changesRecord = `-- name: ChangesRecord :exec
 UPDATE stagesync.changes c
 SET status = u.status,
     attempts = c.attempts + u.add_attempts,
-    last_error = nullif(u.last_error, ''),
+    -- A change that waited behind a failing one (processing, nothing
+    -- attempted) keeps the error it had.
+    last_error = CASE WHEN u.status = 'processing' AND u.last_error = '' THEN c.last_error
+                      ELSE nullif(u.last_error, '') END,
     applied_etag = coalesce(nullif(u.applied_etag, ''), c.applied_etag),
     finished_at = CASE WHEN u.status IN ('pending', 'processing') THEN NULL ELSE now() END
 FROM (

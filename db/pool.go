@@ -13,7 +13,7 @@ const DefaultURL = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
 
 // NewPool connects to databaseURL and checks the connection. maxConns, when
 // positive, overrides pgx's default (4 or the CPU count), which is too small
-// for a processor that holds one connection per resource being worked on.
+// for a processor that holds one connection per job being worked on.
 func NewPool(ctx context.Context, databaseURL string, maxConns int32) (*pgxpool.Pool, error) {
 	cfg, err := pgxpool.ParseConfig(databaseURL)
 	if err != nil {

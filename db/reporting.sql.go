@@ -10,45 +10,6 @@ import (
 	"time"
 )
 
-const backlogList = `-- name: BacklogList :many
-SELECT target, pending, processing,
-       coalesce(extract(epoch FROM oldest_pending_age), 0)::float8 AS oldest_pending_seconds
-FROM stagesync.backlog
-ORDER BY target
-`
-
-type BacklogListRow struct {
-	Target               string  `json:"target"`
-	Pending              int64   `json:"pending"`
-	Processing           int64   `json:"processing"`
-	OldestPendingSeconds float64 `json:"oldest_pending_seconds"`
-}
-
-func (q *Queries) BacklogList(ctx context.Context, db DBTX) ([]BacklogListRow, error) {
-	rows, err := db.Query(ctx, backlogList)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	items := []BacklogListRow{}
-	for rows.Next() {
-		var i BacklogListRow
-		if err := rows.Scan(
-			&i.Target,
-			&i.Pending,
-			&i.Processing,
-			&i.OldestPendingSeconds,
-		); err != nil {
-			return nil, err
-		}
-		items = append(items, i)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	return items, nil
-}
-
 const changesCountByStatus = `-- name: ChangesCountByStatus :many
 SELECT target, status, count(*) AS n
 FROM stagesync.changes

@@ -130,11 +130,6 @@ func TestUpstreamRole(t *testing.T) {
 		require.Equal(t, 0, dead, "the owner's change from source crm must be invisible")
 	})
 
-	t.Run("reads the targets", func(t *testing.T) {
-		t.Parallel()
-		require.Equal(t, 3, countRows(t, d.conn(t, role), "stagesync.targets"))
-	})
-
 	t.Run("is refused", func(t *testing.T) {
 		t.Parallel()
 		requireRefused(t, d, role, []refusal{
@@ -159,6 +154,7 @@ func TestUpstreamRole(t *testing.T) {
 			{"calling change_history", fmt.Sprintf("SELECT * FROM stagesync.change_history(%d)", deadID),
 				"permission denied for function change_history"},
 			{"calling requeue", "SELECT stagesync.requeue()", "permission denied for function requeue"},
+			{"reading targets", "SELECT * FROM stagesync.targets", "permission denied for table targets"},
 			{"inserting a target", `INSERT INTO stagesync.targets (name, base_url, item_path)
 				VALUES ('rogue', 'http://x', '/{id}')`, "permission denied for table targets"},
 		})
@@ -261,6 +257,29 @@ func testReader(t *testing.T, role string) {
 		require.Equal(t, []string{"crm", "erp"}, sources)
 	})
 
+	t.Run("reads queue depths past a temporary river_job", func(t *testing.T) {
+		t.Parallel()
+		ctx := t.Context()
+		_, err := d.Pool.Exec(ctx, `INSERT INTO river_job (kind, args, queue, state)
+			VALUES ('stagesync_apply', '{}', 'stagesync_territory', 'available')`)
+		require.NoError(t, err)
+		c := d.conn(t, role)
+		// A temporary table is searched before the schemas unless pg_temp is
+		// named in search_path; the SECURITY DEFINER function must read River's.
+		_, err = c.Exec(ctx, `CREATE TEMP TABLE river_job (queue text, state text);
+			INSERT INTO river_job VALUES ('forged', 'available')`)
+		require.NoError(t, err)
+		rows, err := c.Query(ctx, "SELECT queue, state, jobs FROM stagesync.river_queue_depth()")
+		require.NoError(t, err)
+		type depth struct {
+			Queue, State string
+			Jobs         int64
+		}
+		got, err := pgx.CollectRows(rows, pgx.RowToStructByPos[depth])
+		require.NoError(t, err)
+		require.Equal(t, []depth{{"stagesync_territory", "available", 1}}, got)
+	})
+
 	t.Run("is refused", func(t *testing.T) {
 		t.Parallel()
 		refusals := writeRefusals(deadID)
@@ -270,4 +289,23 @@ func testReader(t *testing.T, role string) {
 		}
 		requireRefused(t, d, role, refusals)
 	})
+}
+
+// 00003 revokes PUBLIC's EXECUTE on the functions that exist by then; each
+// later migration must revoke it on its own functions (PostgreSQL grants it
+// on every new function, and a per-schema ALTER DEFAULT PRIVILEGES cannot
+// take that global default away).
+func TestFunctionsAreNotPublic(t *testing.T) {
+	t.Parallel()
+	d := newTestDB(t)
+	rows, err := d.Pool.Query(t.Context(), `SELECT p.oid::regprocedure::text
+		FROM pg_proc p
+		JOIN pg_namespace n ON n.oid = p.pronamespace
+		CROSS JOIN LATERAL aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+		WHERE n.nspname = 'stagesync' AND a.grantee = 0 AND a.privilege_type = 'EXECUTE'
+		ORDER BY 1`)
+	require.NoError(t, err)
+	public, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	require.Empty(t, public, "functions PUBLIC may execute")
 }

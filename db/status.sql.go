@@ -108,7 +108,7 @@ type StatusBacklogRow struct {
 // Queries of the operator surface: `stagesync status`, the status page and
 // the scrape-time gauges of /metrics. All of them stay cheap with millions
 // of finished rows: they read the open-change index, the finished_at index
-// or the attempts (target, created_at) index.
+// or attempts_created_idx (created_at).
 // Backlog per configured target. oldest_pending_at means something only
 // when pending > 0 (sqlc can't type a nullable view column, hence the
 // coalesce).

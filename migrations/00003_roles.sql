@@ -32,10 +32,12 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA stagesync FROM PUBLIC;
 GRANT USAGE ON SCHEMA stagesync TO stagesync_upstream, stagesync_reporting;
 
 -- The upstream may insert the columns that describe a change, and read its
--- own rows (RETURNING, checking status) — never update, delete or see others.
+-- own rows (RETURNING, checking status) — never update, delete or see others,
+-- nor read anything else (SPEC §3.6). The foreign key check against targets
+-- runs as the table owner, so it needs no grant on targets.
 GRANT INSERT (target, resource_id, op, fields, source, idempotency_key)
     ON stagesync.changes TO stagesync_upstream;
-GRANT SELECT ON stagesync.changes, stagesync.targets TO stagesync_upstream;
+GRANT SELECT ON stagesync.changes TO stagesync_upstream;
 
 ALTER TABLE stagesync.changes ENABLE ROW LEVEL SECURITY;
 -- source is who wrote the row; forcing it to the login keeps it trustworthy

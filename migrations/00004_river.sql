@@ -2,6 +2,11 @@
 -- ours (db.Migrate), so river_job exists when these bodies are checked; they
 -- are SQL functions so that sqlc, which only knows our schema, sees just
 -- their signatures.
+--
+-- Both pin search_path to public, where River's tables live by default
+-- (db.Migrate gives rivermigrate no schema), with pg_temp named last:
+-- unnamed, pg_temp is searched first, and a caller's temporary table called
+-- river_job would stand in for River's, even in the SECURITY DEFINER function.
 
 -- +goose Up
 -- +goose StatementBegin
@@ -10,7 +15,7 @@
 CREATE FUNCTION stagesync.river_queue_depth()
 RETURNS TABLE (queue text, state text, jobs bigint)
 LANGUAGE sql STABLE SECURITY DEFINER
-SET search_path FROM CURRENT
+SET search_path = public, pg_temp
 AS $$
     SELECT j.queue, j.state::text, count(*)
     FROM river_job j
@@ -29,7 +34,7 @@ $$;
 CREATE FUNCTION stagesync.reset_orphaned_changes(cutoff timestamptz)
 RETURNS integer
 LANGUAGE sql
-SET search_path FROM CURRENT
+SET search_path = public, pg_temp
 AS $$
     WITH reset AS (
         UPDATE stagesync.changes c

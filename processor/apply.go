@@ -2,11 +2,11 @@ package processor
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"maps"
 	"math/rand/v2"
 	"net/http"
+	"slices"
 	"time"
 )
 
@@ -170,6 +170,11 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 			rr.setState(resourceState{deleted: true})
 			rr.finish(seg, statusRejected, "resource not found on the remote: "+errText(cur.err), "")
 			return true
+		case cur.status == http.StatusOK && a.t.UpdateMethod == http.MethodPut && cur.body == nil:
+			// PUT replaces the whole document: without it, nothing safe
+			// can be sent.
+			rr.finish(seg, statusRejected, "GET "+a.r.itemURL(rr.id)+" returned no JSON object to apply the fields to (update_method PUT)", "")
+			return true
 		case cur.status != http.StatusOK || cur.etag == "":
 			return a.failure(rr, seg, cur)
 		}
@@ -201,7 +206,9 @@ func (a *applier) create(ctx context.Context, rr *resourceRun, seg []openChange)
 	a.count(rr, seg, resp)
 	switch {
 	case resp.status >= 200 && resp.status < 300:
-		a.succeed(rr, seg, resp, resourceState{}, fields, nil)
+		// What was created is exactly the fields sent (plus whatever the
+		// remote adds, which a representation in the response shows).
+		a.succeed(rr, seg, resp, resourceState{snapshot: map[string]any{}}, fields, nil)
 		return true
 	case resp.status == http.StatusPreconditionFailed || a.t.isConflict(resp.status):
 		cur := a.fetch(ctx, rr, seg)
@@ -295,40 +302,43 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 	}
 	theirs := cur.body
 	ours := fold(live)
-	m := merge(a.t, base, ours, theirs)
+	first := merge(a.t, base, ours, theirs)
 
-	// A change touching a needs_review field ends dead as a whole; the rest
-	// are folded and merged again without it.
-	var dead, remaining []openChange
-	for _, c := range live {
-		reason := ""
-		for f := range c.fields {
-			if m.decisions[f] == NeedsReview {
-				reason = reviewReason(f, c.fields[f], theirs[f])
-				break
+	// A change touching a needs_review field ends dead as a whole. The rest
+	// are folded and merged again without it, until no change is left
+	// touching one (dropping a change can change another field's folded
+	// value, and so its decision).
+	// The audit row shows every field with its last decision: the one that
+	// let it be written, or the one that sent its change to review.
+	decisions := maps.Clone(first.decisions)
+	m, remaining, dead := first, live, 0
+	for {
+		var keep []openChange
+		for _, c := range remaining {
+			if reason := reviewNeeded(c, m, theirs); reason != "" {
+				rr.finish([]openChange{c}, statusDead, reason, "")
+				dead++
+				continue
 			}
+			keep = append(keep, c)
 		}
-		if reason != "" {
-			dead = append(dead, c)
-			rr.finish([]openChange{c}, statusDead, reason, "")
-		} else {
-			remaining = append(remaining, c)
+		if len(keep) == len(remaining) {
+			break
 		}
-	}
-	if len(dead) > 0 {
-		m2 := merge(a.t, base, fold(remaining), theirs)
-		m.write = m2.write
+		remaining = keep
+		m = merge(a.t, base, fold(remaining), theirs)
+		maps.Copy(decisions, m.decisions)
 	}
 	outcome := statusMerged
 	switch {
-	case len(dead) > 0:
+	case dead > 0:
 		outcome = "needs_review"
 	case len(m.write) == 0:
 		outcome = statusNoop
 	}
 	rr.merges = append(rr.merges, mergeRecord{
 		changeIDs: changeIDs(live), base: base, ours: ours, theirs: theirs,
-		result: m.write, decisions: m.decisions, outcome: outcome, at: a.now(),
+		result: m.write, decisions: decisions, outcome: outcome, at: a.now(),
 	})
 	a.r.metrics.observeMerge(a.t.Name, outcome)
 
@@ -350,6 +360,16 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 	}
 }
 
+// reviewNeeded explains why c must wait for a person, or returns "".
+func reviewNeeded(c openChange, m mergeResult, theirs map[string]any) string {
+	for _, f := range slices.Sorted(maps.Keys(c.fields)) {
+		if m.decisions[f] == NeedsReview {
+			return reviewReason(f, c.fields[f], theirs[f])
+		}
+	}
+	return ""
+}
+
 // write sends the fields: PATCH with just them, or PUT of the known
 // representation with them applied.
 func (a *applier) write(ctx context.Context, rr *resourceRun, live []openChange, st resourceState, fields map[string]any) response {
@@ -368,11 +388,7 @@ func (a *applier) write(ctx context.Context, rr *resourceRun, live []openChange,
 // succeed records a successful write. With merge decisions, a change none
 // of whose fields was written (all already equal or kept theirs) is a noop.
 func (a *applier) succeed(rr *resourceRun, live []openChange, resp response, st resourceState, written map[string]any, decisions map[string]Decision) {
-	snap := resp.body
-	if snap == nil {
-		snap = applyFields(st.snapshot, written)
-	}
-	rr.setState(resourceState{etag: resp.etag, snapshot: snap})
+	rr.setState(resourceState{etag: resp.etag, snapshot: a.newSnapshot(resp, st, written)})
 	for _, c := range live {
 		status := statusApplied
 		if decisions != nil {
@@ -390,6 +406,35 @@ func (a *applier) succeed(rr *resourceRun, live []openChange, resp response, st 
 		}
 		rr.finish([]openChange{c}, status, "", etag)
 	}
+}
+
+// newSnapshot is the merge base after a successful write. A response body
+// is trusted as the new representation only if it shows what was written
+// (CouchDB, say, answers a PUT with {"ok","id","rev"}, which is no
+// document). Otherwise a PUT's base is the body it sent, and a PATCH's the
+// old base with the fields applied; with no old base it stays unknown
+// rather than becoming a partial one that would make every other field
+// look changed by the remote.
+func (a *applier) newSnapshot(resp response, st resourceState, written map[string]any) map[string]any {
+	if resp.body != nil && shows(resp.body, written) {
+		return resp.body
+	}
+	if st.snapshot == nil && a.t.UpdateMethod != http.MethodPut {
+		return nil
+	}
+	return applyFields(st.snapshot, written)
+}
+
+// shows reports whether body holds every written field's value (a null
+// written field: absent).
+func shows(body, written map[string]any) bool {
+	for k, v := range written {
+		bv, ok := body[k]
+		if v == nil && ok || v != nil && (!ok || !jsonEqual(bv, v)) {
+			return false
+		}
+	}
+	return true
 }
 
 // failure handles a non-conflict error: transport errors, 429, 408 and 5xx
@@ -503,12 +548,4 @@ func applyFields(snap, fields map[string]any) map[string]any {
 		}
 	}
 	return out
-}
-
-func decodeFields(raw []byte) (map[string]any, error) {
-	var m map[string]any
-	if err := json.Unmarshal(raw, &m); err != nil {
-		return nil, fmt.Errorf("decode fields: %w", err)
-	}
-	return m, nil
 }

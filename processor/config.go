@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"net/http"
 	"net/url"
@@ -155,14 +156,18 @@ func LoadConfig(path string, getenv func(string) string) (*Config, error) {
 }
 
 // ParseConfig parses and validates YAML config text, applying defaults.
+// ${VAR} references in values are replaced from getenv after parsing, so a
+// value never changes the document's structure whatever characters it
+// holds; "$" alone is left as it is.
 func ParseConfig(raw []byte, getenv func(string) string) (*Config, error) {
+	var root yaml.Node
+	if err := yaml.Unmarshal(raw, &root); err != nil {
+		return nil, fmt.Errorf("parse YAML: %w", err)
+	}
 	var missing []string
-	expanded := os.Expand(string(raw), func(name string) string {
-		if name == "$" { // "$$" stays a literal dollar
-			return "$"
-		}
+	expandEnv(&root, func(name string) string {
 		v := getenv(name)
-		if v == "" {
+		if v == "" && !slices.Contains(missing, name) {
 			missing = append(missing, name)
 		}
 		return v
@@ -170,16 +175,44 @@ func ParseConfig(raw []byte, getenv func(string) string) (*Config, error) {
 	if len(missing) > 0 {
 		return nil, fmt.Errorf("environment variables referenced but not set: %s", strings.Join(missing, ", "))
 	}
-	dec := yaml.NewDecoder(bytes.NewReader([]byte(expanded)))
+	// Re-encoded so that the strict decoder refuses unknown keys.
+	expanded, err := yaml.Marshal(&root)
+	if err != nil {
+		return nil, fmt.Errorf("re-encode expanded config: %w", err)
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(expanded))
 	dec.KnownFields(true)
 	var cfg Config
-	if err := dec.Decode(&cfg); err != nil {
+	if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
 		return nil, fmt.Errorf("parse YAML: %w", err)
 	}
 	if err := cfg.validate(getenv); err != nil {
 		return nil, err
 	}
 	return &cfg, nil
+}
+
+var envRef = regexp.MustCompile(`\$\{([A-Za-z_][A-Za-z0-9_]*)\}`)
+
+// expandEnv replaces ${VAR} in every scalar value (not in keys). An
+// expanded scalar loses its string tag so that `rate_limit: ${RATE}` reads
+// as a number.
+func expandEnv(n *yaml.Node, lookup func(string) string) {
+	if n.Kind == yaml.ScalarNode && strings.Contains(n.Value, "${") {
+		n.Value = envRef.ReplaceAllStringFunc(n.Value, func(ref string) string {
+			return lookup(envRef.FindStringSubmatch(ref)[1])
+		})
+		if n.Style&(yaml.DoubleQuotedStyle|yaml.SingleQuotedStyle) == 0 {
+			n.Tag = ""
+		}
+		return
+	}
+	for i, c := range n.Content {
+		if n.Kind == yaml.MappingNode && i%2 == 0 {
+			continue // a key
+		}
+		expandEnv(c, lookup)
+	}
 }
 
 var targetNameRE = regexp.MustCompile(`^[a-z][a-z0-9_-]{0,62}$`)
@@ -293,6 +326,10 @@ func (t *TargetConfig) validate(getenv func(string) string) []keyError {
 			bad("auth.env", "is required: name the environment variable that holds the credential")
 		} else if t.authValue = getenv(t.Auth.Env); t.authValue == "" {
 			bad("auth.env", "environment variable %s is not set", t.Auth.Env)
+		} else if !validHeaderValue(t.Auth.Prefix + t.authValue) {
+			// Caught here, or every request would fail at the transport
+			// and every change would end dead. The value is not echoed.
+			bad("auth.env", "environment variable %s holds a control character (a newline?); not a valid header value", t.Auth.Env)
 		}
 		if strings.ContainsAny(t.Auth.Header, " :\r\n") {
 			bad("auth.header", "is not a valid header name")
@@ -337,6 +374,17 @@ func (t *TargetConfig) validate(getenv func(string) string) []keyError {
 		}
 	}
 	return errs
+}
+
+// validHeaderValue allows visible characters, spaces and tabs (RFC 9110
+// field-value), nothing that could split or end a header.
+func validHeaderValue(v string) bool {
+	for _, r := range v {
+		if r != '\t' && (r < 0x20 || r == 0x7f) {
+			return false
+		}
+	}
+	return true
 }
 
 // policy returns the merge policy of a field.

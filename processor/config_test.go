@@ -65,6 +65,14 @@ func TestParseConfigErrorsNameTheKey(t *testing.T) {
 		_, err := ParseConfig([]byte("targets:\n  t:\n    base_url: http://x.test\n    item_path: /a\n"), func(string) string { return "" })
 		require.ErrorContains(t, err, "targets.t.item_path: must start with / and contain {id}")
 	})
+	t.Run("credential with a newline", func(t *testing.T) {
+		t.Parallel()
+		_, err := ParseConfig([]byte(base+"    auth: {env: TOKEN}\n"), func(k string) string {
+			return map[string]string{"TOKEN": "abc\r\nX-Evil: 1"}[k]
+		})
+		require.ErrorContains(t, err, "targets.territory.auth.env: environment variable TOKEN holds a control character")
+		require.NotContains(t, err.Error(), "abc", "the credential must not be echoed")
+	})
 	t.Run("query in item path", func(t *testing.T) {
 		t.Parallel()
 		_, err := ParseConfig([]byte("targets:\n  t:\n    base_url: http://x.test\n    item_path: /a/{id}?key=k\n"), func(string) string { return "" })
@@ -86,4 +94,26 @@ func TestParseConfigErrorsNameTheKey(t *testing.T) {
 		_, err := ParseConfig([]byte(base+"    rate_limit: ${RATE}\n"), func(string) string { return "" })
 		require.ErrorContains(t, err, "environment variables referenced but not set: RATE")
 	})
+}
+
+func TestParseConfigExpandsEnvInValuesOnly(t *testing.T) {
+	t.Parallel()
+	env := map[string]string{
+		"DBURL":  "postgres://u:p#w: x@db.test:5432/app?sslmode=require",
+		"RATE":   "25",
+		"PREFIX": "/v2",
+	}
+	cfg, err := ParseConfig([]byte(`
+database_url: ${DBURL}
+targets:
+  territory:
+    base_url: http://api.test${PREFIX}
+    item_path: /a/{id}/$literal
+    rate_limit: ${RATE}
+`), func(k string) string { return env[k] })
+	require.NoError(t, err)
+	require.Equal(t, env["DBURL"], cfg.DatabaseURL, "a value with YAML syntax in it stays one value")
+	require.Equal(t, 25.0, cfg.Targets["territory"].RateLimit, "an expanded number reads as a number")
+	require.Equal(t, "http://api.test/v2", cfg.Targets["territory"].BaseURL)
+	require.Equal(t, "/a/{id}/$literal", cfg.Targets["territory"].ItemPath, "only ${VAR} is expanded")
 }

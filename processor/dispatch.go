@@ -48,6 +48,10 @@ func (w *dispatchWorker) Work(ctx context.Context, _ *river.Job[DispatchArgs]) e
 // them processing and inserts their jobs in the same transaction, so a
 // claimed change always has a job (or is covered by one already queued for
 // its resource). It returns how many changes it claimed.
+//
+// It claims ahead only while the queues are short (claimAhead jobs per
+// worker): a deep backlog stays pending, cheap to hold and to scan, and is
+// claimed as jobs finish (each finished job wakes the claimer).
 func (p *Processor) Claim(ctx context.Context) (int, error) {
 	total := 0
 	for {
@@ -56,6 +60,43 @@ func (p *Processor) Claim(ctx context.Context) (int, error) {
 		if err != nil || n < p.cfg.Dispatch.ClaimBatch {
 			return total, err
 		}
+		full, err := p.queuesFull(ctx)
+		if err != nil || full {
+			return total, err
+		}
+	}
+}
+
+// claimAhead is how many queued apply jobs per worker are enough to keep
+// the workers busy until the next claim.
+const claimAhead = 2
+
+// queuesFull reports whether every target's queue holds enough available
+// jobs for its workers.
+func (p *Processor) queuesFull(ctx context.Context) (bool, error) {
+	depth, err := p.q.RiverQueueDepth(ctx, p.pool)
+	if err != nil {
+		return false, fmt.Errorf("read queue depth: %w", err)
+	}
+	available := map[string]int64{}
+	for _, d := range depth {
+		if d.State == "available" {
+			available[d.Queue] = d.Jobs
+		}
+	}
+	for name, t := range p.cfg.Targets {
+		if available[QueueName(name)] < int64(claimAhead*t.Workers) {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+// wakeClaimer asks the claimer to run; wake-ups coalesce.
+func (p *Processor) wakeClaimer() {
+	select {
+	case p.wake <- struct{}{}:
+	default:
 	}
 }
 
@@ -73,7 +114,9 @@ func (p *Processor) claimOnce(ctx context.Context) (int, error) {
 			return nil
 		}
 		// Resources in first-claimed order per target; a resource whose
-		// earlier changes are still processing is left to that job.
+		// earlier changes are still processing is left to that job. This
+		// "covered" check stands in for River's unique options, which work
+		// on a job's whole argument list, not on the resources in it.
 		type key struct{ target, id string }
 		seen := make(map[key]bool, len(rows))
 		perTarget := map[string][]string{}
@@ -124,16 +167,10 @@ func (p *Processor) claimOnce(ctx context.Context) (int, error) {
 // claimer. Notifications are coalesced: a burst of 5,000 single-row inserts
 // causes a handful of claims, not 5,000. It reconnects with backoff until
 // ctx ends; the periodic dispatch job covers the gaps.
-func (p *Processor) listen(ctx context.Context, wake chan<- struct{}) {
-	signal := func() {
-		select {
-		case wake <- struct{}{}:
-		default:
-		}
-	}
+func (p *Processor) listen(ctx context.Context) {
 	delay := 100 * time.Millisecond
 	for ctx.Err() == nil {
-		err := p.listenOnce(ctx, signal)
+		err := p.listenOnce(ctx)
 		if ctx.Err() != nil {
 			return
 		}
@@ -147,7 +184,7 @@ func (p *Processor) listen(ctx context.Context, wake chan<- struct{}) {
 	}
 }
 
-func (p *Processor) listenOnce(ctx context.Context, signal func()) error {
+func (p *Processor) listenOnce(ctx context.Context) error {
 	conn, err := pgx.ConnectConfig(ctx, p.pool.Config().ConnConfig.Copy())
 	if err != nil {
 		return fmt.Errorf("connect listener: %w", err)
@@ -157,22 +194,22 @@ func (p *Processor) listenOnce(ctx context.Context, signal func()) error {
 		return fmt.Errorf("listen: %w", err)
 	}
 	// Anything inserted while we were not listening.
-	signal()
+	p.wakeClaimer()
 	for {
 		if _, err := conn.WaitForNotification(ctx); err != nil {
 			return fmt.Errorf("wait for notification: %w", err)
 		}
-		signal()
+		p.wakeClaimer()
 	}
 }
 
 // claimLoop claims on every wake-up until ctx ends.
-func (p *Processor) claimLoop(ctx context.Context, wake <-chan struct{}) {
+func (p *Processor) claimLoop(ctx context.Context) {
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-wake:
+		case <-p.wake:
 		}
 		if _, err := p.Claim(ctx); err != nil && ctx.Err() == nil {
 			p.logger.ErrorContext(ctx, "claim failed; the periodic dispatch will retry", "error", err)

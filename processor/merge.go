@@ -3,7 +3,6 @@ package processor
 import (
 	"encoding/json"
 	"fmt"
-	"reflect"
 )
 
 // Policy decides a field that the remote changed since our base.
@@ -74,41 +73,6 @@ func merge(t *TargetConfig, base, ours, theirs map[string]any) mergeResult {
 		}
 	}
 	return r
-}
-
-// jsonEqual compares two decoded JSON values. Numbers decode as float64 on
-// both sides, so 1 and 1.0 are equal, as they are in JSON.
-func jsonEqual(a, b any) bool {
-	return reflect.DeepEqual(normalize(a), normalize(b))
-}
-
-func normalize(v any) any {
-	switch x := v.(type) {
-	case json.Number:
-		f, err := x.Float64()
-		if err != nil {
-			return x.String()
-		}
-		return f
-	case int:
-		return float64(x)
-	case int64:
-		return float64(x)
-	case map[string]any:
-		m := make(map[string]any, len(x))
-		for k, e := range x {
-			m[k] = normalize(e)
-		}
-		return m
-	case []any:
-		s := make([]any, len(x))
-		for i, e := range x {
-			s[i] = normalize(e)
-		}
-		return s
-	default:
-		return v
-	}
 }
 
 // reviewReason explains a needs_review field for last_error.

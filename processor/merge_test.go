@@ -2,6 +2,7 @@ package processor
 
 import (
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 )
@@ -151,4 +152,32 @@ func TestItemURLEscapesIDs(t *testing.T) {
 	for id, want := range tests {
 		require.Equal(t, want, r.itemURL(id), "id %q", id)
 	}
+}
+
+// Dropping a needs_review change can change the folded value of another
+// field, and so its decision: the merge is repeated until stable, so an
+// earlier change's value never overwrites a person's edit of a manual field.
+func TestMergeAndWriteRepeatsUntilNoChangeNeedsReview(t *testing.T) {
+	t.Parallel()
+	target := &TargetConfig{Name: "t", Merge: MergeConfig{Default: PolicyManual}}
+	a := &applier{t: target, r: &remote{t: target}, now: time.Now}
+	base := map[string]any{"f": "b0", "g": "g0"}
+	theirs := map[string]any{"f": "T", "g": "gT"}
+	live := []openChange{
+		{id: 1, op: "update", fields: map[string]any{"g": "x"}},
+		{id: 2, op: "update", fields: map[string]any{"f": "y", "g": "gT"}},
+	}
+	rr := newResourceRun("r", live, resourceState{etag: "old", snapshot: base})
+	done := a.mergeAndWrite(t.Context(), rr, live, base, response{status: 200, etag: "new", body: theirs})
+	require.True(t, done)
+	require.Equal(t, statusDead, rr.outcome(2).status, "change 2 touches f, changed remotely")
+	require.Equal(t, statusDead, rr.outcome(1).status, "without change 2, change 1's g differs from the person's gT")
+	require.Contains(t, rr.outcome(1).errText, `field "g"`)
+	require.Len(t, rr.merges, 1)
+	require.Equal(t, "needs_review", rr.merges[0].outcome)
+	require.Empty(t, rr.merges[0].result, "nothing may be written")
+	require.Equal(t, NeedsReview, rr.merges[0].decisions["f"])
+	require.Equal(t, NeedsReview, rr.merges[0].decisions["g"])
+	require.Empty(t, rr.attempts, "no request may be sent")
+	require.Equal(t, "new", rr.state.etag, "the fetched state becomes the stored one")
 }

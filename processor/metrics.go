@@ -50,7 +50,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}, []string{"target"}),
 		jobs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "stagesync_jobs_total",
-			Help: "Apply jobs worked, by result (done, retry_scheduled, error).",
+			Help: "Apply jobs worked, by result (done, or error when recording failed and River retries the job).",
 		}, []string{"target", "result"}),
 	}
 	if reg != nil {

@@ -47,6 +47,9 @@ type Processor struct {
 	remotes map[string]*remote
 	client  *river.Client[pgx.Tx]
 	waker   *waker
+	// wake carries claim requests (listener, finished jobs) to the
+	// claimer; its buffer of one coalesces them.
+	wake chan struct{}
 }
 
 // New validates the options and builds the River client. Nothing runs
@@ -57,6 +60,7 @@ func New(cfg *Config, opts Options) (*Processor, error) {
 	}
 	p := &Processor{cfg: cfg, pool: opts.Pool, logger: opts.Logger, metrics: opts.Metrics, q: db.New(), remotes: map[string]*remote{}}
 	p.waker = newWaker(opts.Logger)
+	p.wake = make(chan struct{}, 1)
 	if p.metrics == nil {
 		p.metrics = NewMetrics(nil)
 	}
@@ -108,14 +112,20 @@ func New(cfg *Config, opts Options) (*Processor, error) {
 // default: enough idle connections per host for the targets' concurrency,
 // no client-wide timeout (each request has its target's).
 func NewHTTPClient() *http.Client {
-	return &http.Client{Transport: &http.Transport{
-		Proxy:               http.ProxyFromEnvironment,
-		DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		MaxIdleConns:        512,
-		MaxIdleConnsPerHost: 128,
-		IdleConnTimeout:     90 * time.Second,
-		ForceAttemptHTTP2:   true,
-	}}
+	return &http.Client{
+		// Never follow redirects: Go re-sends a custom auth header to any
+		// host it is sent to (only Authorization and Cookie are dropped
+		// across hosts), and 307/308 replay writes. A redirect is an answer
+		// to record, not to chase.
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		Transport: &http.Transport{
+			Proxy:               http.ProxyFromEnvironment,
+			DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+			MaxIdleConns:        512,
+			MaxIdleConnsPerHost: 128,
+			IdleConnTimeout:     90 * time.Second,
+			ForceAttemptHTTP2:   true,
+		}}
 }
 
 // RegisterTargets writes the configured targets to stagesync.targets so
@@ -151,10 +161,9 @@ func (p *Processor) Run(ctx context.Context) error {
 		return fmt.Errorf("start river: %w", err)
 	}
 	p.waker.start(context.WithoutCancel(ctx), p.client)
-	wake := make(chan struct{}, 1)
 	var wg sync.WaitGroup
-	wg.Go(func() { p.listen(ctx, wake) })
-	wg.Go(func() { p.claimLoop(ctx, wake) })
+	wg.Go(func() { p.listen(ctx) })
+	wg.Go(func() { p.claimLoop(ctx) })
 	p.logger.InfoContext(ctx, "processor started", "targets", p.cfg.TargetNames())
 
 	<-ctx.Done()
@@ -170,6 +179,3 @@ func (p *Processor) Run(ctx context.Context) error {
 	p.logger.Info("processor stopped")
 	return nil
 }
-
-// Client exposes the River client, for status and tests.
-func (p *Processor) Client() *river.Client[pgx.Tx] { return p.client }

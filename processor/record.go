@@ -45,7 +45,7 @@ func (p *Processor) record(ctx context.Context, conn *pgxpool.Conn, t *TargetCon
 			changes.IDs = append(changes.IDs, c.id)
 			changes.Statuses = append(changes.Statuses, o.status)
 			changes.AddAttempts = append(changes.AddAttempts, o.addAttempts)
-			changes.LastErrors = append(changes.LastErrors, o.errText)
+			changes.LastErrors = append(changes.LastErrors, cleanText(o.errText, maxErrorText))
 			changes.AppliedETags = append(changes.AppliedETags, o.etag)
 			if o.status != statusProcessing {
 				finished[o.status]++
@@ -111,11 +111,14 @@ func nonEmpty(s string) *string {
 	return &s
 }
 
+// maxErrorText bounds error text in attempts and changes rows.
+const maxErrorText = 2000
+
 func attemptParams(target string, jobID int64, a attemptRecord) db.AttemptsInsertParams {
 	ap := db.AttemptsInsertParams{
 		Target: target, ResourceID: a.resourceID, ChangeIDs: a.changeIDs, Method: a.method, URL: a.url,
 		IfMatch: nonEmpty(a.ifMatch), ResponseETag: nonEmpty(a.responseETag),
-		DurationMs: float64(a.duration.Microseconds()) / 1000, Outcome: a.outcome, Error: nonEmpty(a.errText),
+		DurationMs: float64(a.duration.Microseconds()) / 1000, Outcome: a.outcome, Error: nonEmpty(cleanText(a.errText, maxErrorText)),
 		JobID: &jobID, CreatedAt: a.at,
 	}
 	if ap.ChangeIDs == nil {
@@ -136,7 +139,7 @@ func mergeParams(target, resourceID string, m mergeRecord) (db.MergesInsertParam
 			return nil
 		}
 		var b []byte
-		b, err = json.Marshal(v)
+		b, err = json.Marshal(pgSafe(v))
 		return b
 	}
 	if m.base != nil {
@@ -159,7 +162,7 @@ func addResource(p *db.ResourcesUpsertParams, rr *resourceRun) error {
 	st := rr.state
 	snap := ""
 	if st.snapshot != nil {
-		b, err := json.Marshal(st.snapshot)
+		b, err := json.Marshal(pgSafe(st.snapshot))
 		if err != nil {
 			return fmt.Errorf("encode snapshot of %q: %w", rr.id, err)
 		}

@@ -158,8 +158,7 @@ func (r *remote) do(ctx context.Context, req request) response {
 	}
 	resp := response{status: hresp.StatusCode, etag: hresp.Header.Get("ETag"), rawBody: raw}
 	if len(raw) > 0 && raw[0] == '{' {
-		var m map[string]any
-		if json.Unmarshal(raw, &m) == nil {
+		if m, err := decodeObject(raw); err == nil {
 			resp.body = m
 		}
 	}
@@ -242,7 +241,7 @@ func remoteReason(raw []byte, status string) string {
 	if json.Unmarshal(raw, &m) == nil {
 		for _, k := range []string{"error", "message", "detail", "reason"} {
 			if s, ok := m[k].(string); ok && s != "" {
-				return s
+				return cleanText(s, 300)
 			}
 		}
 	}
@@ -250,10 +249,7 @@ func remoteReason(raw []byte, status string) string {
 	if s == "" {
 		return status
 	}
-	if len(s) > 300 {
-		s = s[:300] + "…"
-	}
-	return s
+	return cleanText(s, 300)
 }
 
 // scrubURLError drops the *url.Error wrapper's operation and URL, which we
@@ -297,8 +293,9 @@ func (r *remote) batchETags(ctx context.Context, ids []string, changeIDs []int64
 		ETag string `json:"etag"`
 	}
 	if err := json.Unmarshal(resp.rawBody, &items); err != nil {
+		// The exchange itself succeeded (and was counted so); the error
+		// says why its answer is unusable, and single GETs follow.
 		resp.err = fmt.Errorf("batch ETag response is not a JSON array of {id, etag}: %w", err)
-		resp.attempt.outcome = outcomeFatal
 		resp.attempt.errText = resp.err.Error()
 		return nil, resp
 	}

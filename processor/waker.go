@@ -37,8 +37,16 @@ func (w *waker) start(ctx context.Context, client *river.Client[pgx.Tx]) {
 	w.ctx, w.client = ctx, client
 }
 
+// schedulerSlack is River's scheduler interval: a retry due later than
+// this is left to River, whose lateness is then small in proportion (and a
+// long outage does not pile up one timer per resource).
+const schedulerSlack = 5 * time.Second
+
 // at makes job id available at t, if it is still scheduled then.
 func (w *waker) at(id int64, t time.Time) {
+	if time.Until(t) > schedulerSlack {
+		return
+	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.ctx == nil {
@@ -62,6 +70,9 @@ func (w *waker) wake(id int64) {
 	if ctx == nil {
 		return
 	}
+	// Bounded, so stop() never waits long on an unreachable database.
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
 	// Only a job still waiting is promoted: JobRetry would also re-run a
 	// job that already completed, which is harmless but wasted work.
 	job, err := client.JobGet(ctx, id)

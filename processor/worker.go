@@ -19,6 +19,9 @@ import (
 type ApplyArgs struct {
 	Target      string   `json:"target"`
 	ResourceIDs []string `json:"resource_ids"`
+	// Busy counts how often these resources were found locked by another
+	// job in a row; the follow-up waits longer each time.
+	Busy int `json:"busy,omitempty"`
 }
 
 // Kind implements river.JobArgs.
@@ -48,7 +51,7 @@ type applyWorker struct {
 
 // Timeout allows every resource of the job a few requests' worth of the
 // target's timeout at its concurrency, plus slack for the database, but
-// never more than RescueAfter. A job that times out records what it did and
+// ends well before RescueAfter. A job that times out records what it did and
 // leaves the rest to a follow-up job.
 func (w *applyWorker) Timeout(job *river.Job[ApplyArgs]) time.Duration {
 	t := w.p.cfg.Targets[job.Args.Target]
@@ -56,7 +59,10 @@ func (w *applyWorker) Timeout(job *river.Job[ApplyArgs]) time.Duration {
 		return time.Minute
 	}
 	waves := (len(job.Args.ResourceIDs) + t.Concurrency - 1) / t.Concurrency
-	return min(time.Duration(waves*4)*t.Timeout.D()+30*time.Second, w.p.cfg.Dispatch.RescueAfter.D())
+	rescue := w.p.cfg.Dispatch.RescueAfter.D()
+	// Room below RescueAfter for recording after a timeout (up to 30s), so
+	// River never rescues a job that is still finishing.
+	return min(time.Duration(waves*4)*t.Timeout.D()+30*time.Second, rescue-min(45*time.Second, rescue/4))
 }
 
 // Work serializes on the resources with advisory locks, applies their open
@@ -148,9 +154,10 @@ func (w *applyWorker) Work(ctx context.Context, job *river.Job[ApplyArgs]) error
 		todo = slices.DeleteFunc(todo, func(id string) bool { return retrying[id] })
 	}
 	if len(busy) > 0 {
+		delay := busyRetryDelay << min(job.Args.Busy, 5) // 250ms … 8s
 		res, err := p.client.Insert(context.WithoutCancel(ctx),
-			ApplyArgs{Target: t.Name, ResourceIDs: busy},
-			&river.InsertOpts{Queue: QueueName(t.Name), ScheduledAt: time.Now().Add(busyRetryDelay)})
+			ApplyArgs{Target: t.Name, ResourceIDs: busy, Busy: job.Args.Busy + 1},
+			&river.InsertOpts{Queue: QueueName(t.Name), ScheduledAt: time.Now().Add(delay)})
 		if err != nil {
 			return fmt.Errorf("schedule %d busy resources: %w", len(busy), err)
 		}
@@ -158,6 +165,8 @@ func (w *applyWorker) Work(ctx context.Context, job *river.Job[ApplyArgs]) error
 		log.DebugContext(ctx, "resources locked by another job; retry scheduled", "resources", len(busy))
 	}
 	p.metrics.observeJob(t.Name, "done")
+	// A finished job makes room in the queue: claim more of a backlog.
+	p.wakeClaimer()
 	return nil
 }
 
@@ -181,7 +190,7 @@ func (p *Processor) loadRuns(ctx context.Context, conn *pgxpool.Conn, t *TargetC
 			st.etag = *s.ETag
 		}
 		if len(s.Snapshot) > 0 {
-			if st.snapshot, err = decodeFields(s.Snapshot); err != nil {
+			if st.snapshot, err = decodeObject(s.Snapshot); err != nil {
 				return nil, fmt.Errorf("resource %q snapshot: %w", s.ResourceID, err)
 			}
 		}
@@ -194,7 +203,7 @@ func (p *Processor) loadRuns(ctx context.Context, conn *pgxpool.Conn, t *TargetC
 			cur = newResourceRun(r.ResourceID, nil, states[r.ResourceID])
 			runs = append(runs, cur)
 		}
-		fields, err := decodeFields(r.Fields)
+		fields, err := decodeObject(r.Fields)
 		if err != nil {
 			return nil, fmt.Errorf("change %d: %w", r.ID, err)
 		}

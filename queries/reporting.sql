@@ -1,9 +1,3 @@
--- name: BacklogList :many
-SELECT target, pending, processing,
-       coalesce(extract(epoch FROM oldest_pending_age), 0)::float8 AS oldest_pending_seconds
-FROM stagesync.backlog
-ORDER BY target;
-
 -- name: ConflictRatesSince :many
 SELECT r.target::text AS target, r.hour::timestamptz AS hour,
        r.requests::bigint AS requests, r.conflicts::bigint AS conflicts,

@@ -615,7 +615,7 @@ func writeDemoReport(w io.Writer, r *demoReport) {
 		for i, d := range r.deadLetters {
 			ids[i] = strconv.FormatInt(d.ID, 10)
 			rejected = rejected || d.Status == "rejected"
-			fmt.Fprintf(w, "  #%-5d %-8s %-10s %s\n", d.ID, d.Status, d.ResourceID, oneLine(deref(d.LastError), 160))
+			fmt.Fprintf(w, "  #%-5d %-8s %-10s %s\n", d.ID, d.Status, oneLine(d.ResourceID, 40), oneLine(deref(d.LastError), 160))
 		}
 		incl, flagIncl := "", ""
 		if rejected {

@@ -230,16 +230,21 @@ func metricsHandler(reg *prometheus.Registry, pool *pgxpool.Pool, targets []stri
 }
 
 func databaseGauges(ctx context.Context, pool *pgxpool.Pool, targets []string) ([]prometheus.Metric, error) {
-	backlog, err := db.New().BacklogList(ctx, pool)
+	backlog, err := db.New().StatusBacklog(ctx, pool)
 	if err != nil {
 		return nil, fmt.Errorf("read backlog: %w", err)
 	}
+	now := time.Now()
 	var out []prometheus.Metric
 	for _, b := range backlog {
+		oldest := 0.0
+		if b.Pending > 0 {
+			oldest = max(0, now.Sub(b.OldestPendingAt).Seconds())
+		}
 		out = append(out,
 			prometheus.MustNewConstMetric(backlogDesc, prometheus.GaugeValue, float64(b.Pending), b.Target, "pending"),
 			prometheus.MustNewConstMetric(backlogDesc, prometheus.GaugeValue, float64(b.Processing), b.Target, "processing"),
-			prometheus.MustNewConstMetric(oldestPendingDesc, prometheus.GaugeValue, b.OldestPendingSeconds, b.Target))
+			prometheus.MustNewConstMetric(oldestPendingDesc, prometheus.GaugeValue, oldest, b.Target))
 	}
 	jobs, err := riverJobs(ctx, pool)
 	if err != nil {

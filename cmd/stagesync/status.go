@@ -13,6 +13,7 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
@@ -508,8 +509,20 @@ func formatAge(d time.Duration) string {
 	}
 }
 
-// oneLine flattens s to one line of at most n runes, for tables.
+// oneLine flattens s to one line of at most n runes, for tables. s may be a
+// remote's error text, so besides folding whitespace it drops control
+// characters (an ESC would start a terminal escape sequence) and bidi
+// controls (which reorder what the terminal shows).
 func oneLine(s string, n int) string {
+	s = strings.Map(func(r rune) rune {
+		if unicode.IsSpace(r) {
+			return ' ' // folded below
+		}
+		if unicode.IsControl(r) || unicode.Is(unicode.Bidi_Control, r) {
+			return -1
+		}
+		return r
+	}, s)
 	s = strings.Join(strings.Fields(s), " ")
 	if r := []rune(s); len(r) > n {
 		return string(r[:n-1]) + "…"

@@ -243,3 +243,42 @@ func TestFormatAge(t *testing.T) {
 		require.Equal(t, want, formatAge(d), "formatAge(%v)", d)
 	}
 }
+
+func TestOneLine(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name, in string
+		n        int
+		want     string
+	}{
+		{"folds whitespace", "a\n\tb  c\r\n", 80, "a b c"},
+		{"drops an escape sequence's ESC", "\x1b[31mred\x1b[0m text", 80, "[31mred[0m text"},
+		{"drops a title sequence's ESC and BEL", "\x1b]0;owned\x07 503", 80, "]0;owned 503"},
+		{"drops C1 controls and DEL", "a\u009bb\x7fc", 80, "abc"},
+		{"leaves one space where a control stood alone", "a \x1b b", 80, "a b"},
+		{"drops bidi controls", "abc\u202edef\u2066", 80, "abcdef"},
+		{"cuts at n runes", "αβγδεζ", 4, "αβγ…"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			require.Equal(t, tt.want, oneLine(tt.in, tt.n))
+		})
+	}
+}
+
+func TestStatusTextDropsTerminalEscapes(t *testing.T) {
+	t.Parallel()
+	fin := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
+	rep := &statusReport{GeneratedAt: fin, DeadLetters: []deadLetterRow{{
+		ID: 7, Target: "alpha", ResourceID: "a\x1b[2Jb", Status: "dead", Attempts: 10, FinishedAt: &fin,
+		LastError: "gave up: 503 \x1b[2J\x1b]0;owned\x07service\nunavailable",
+	}}}
+	var out bytes.Buffer
+	require.NoError(t, writeStatusText(&out, rep))
+	text := out.String()
+	require.NotContains(t, text, "\x1b")
+	require.NotContains(t, text, "\x07")
+	require.Contains(t, text, "  a[2Jb  ")
+	require.Contains(t, text, "  gave up: 503 [2J]0;ownedservice unavailable\n")
+}

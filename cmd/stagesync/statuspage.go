@@ -126,7 +126,7 @@ func takeSample(ctx context.Context, q *db.Queries, pool *pgxpool.Pool, prev, no
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	s := backlogSample{at: now, interval: now.Sub(prev)}
-	rows, err := q.BacklogList(ctx, pool)
+	rows, err := q.StatusBacklog(ctx, pool)
 	if err != nil {
 		return s, fmt.Errorf("read backlog: %w", err)
 	}

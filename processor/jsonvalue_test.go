@@ -1,0 +1,83 @@
+package processor
+
+import (
+	"encoding/json"
+	"net/http"
+	"strings"
+	"testing"
+	"unicode/utf8"
+
+	"github.com/stretchr/testify/require"
+)
+
+func TestDecodeObjectKeepsLargeIntegersExact(t *testing.T) {
+	t.Parallel()
+	m, err := decodeObject([]byte(`{"account": 12345678901234567891, "ratio": 0.1}`))
+	require.NoError(t, err)
+	out, err := json.Marshal(m)
+	require.NoError(t, err)
+	require.JSONEq(t, `{"account": 12345678901234567891, "ratio": 0.1}`, string(out))
+	require.Contains(t, string(out), "12345678901234567891", "got %s; want the integer digit for digit", out)
+
+	_, err = decodeObject([]byte(`null`))
+	require.ErrorContains(t, err, "got null")
+	_, err = decodeObject([]byte(`[1]`))
+	require.Error(t, err)
+}
+
+func TestJSONEqualComparesNumbersByValue(t *testing.T) {
+	t.Parallel()
+	n := func(s string) json.Number { return json.Number(s) }
+	require.True(t, jsonEqual(n("1"), n("1.0")))
+	require.True(t, jsonEqual(n("1e2"), float64(100)))
+	require.True(t, jsonEqual(n("2"), 2))
+	require.False(t, jsonEqual(n("12345678901234567891"), n("12345678901234567890")), "large integers must compare exactly")
+	require.False(t, jsonEqual(n("1"), "1"), "a number is not a string")
+	require.True(t, jsonEqual(map[string]any{"a": []any{n("1")}}, map[string]any{"a": []any{float64(1)}}))
+}
+
+func TestCleanTextIsStorableAndPrintable(t *testing.T) {
+	t.Parallel()
+	got := cleanText("bad \x1b[31mred\x1b[0m\x00 and \xe2\x82", 1000)
+	require.True(t, utf8.ValidString(got))
+	require.NotContains(t, got, "\x1b")
+	require.NotContains(t, got, "\x00")
+
+	long := strings.Repeat("é", 200) // 400 bytes
+	cut := cleanText(long, 301)
+	require.True(t, utf8.ValidString(cut), "cut inside a character: %q", cut)
+	require.Equal(t, strings.Repeat("é", 150)+"…", cut)
+}
+
+func TestPgSafeReplacesNULInStrings(t *testing.T) {
+	t.Parallel()
+	v := map[string]any{"a\x00": "x\x00y", "list": []any{"\x00", json.Number("1")}}
+	b, err := json.Marshal(pgSafe(v))
+	require.NoError(t, err)
+	require.NotContains(t, string(b), `\u0000`)
+	require.JSONEq(t, `{"a\ufffd": "x\ufffdy", "list": ["\ufffd", 1]}`, string(b))
+	require.Equal(t, "x\x00y", v["a\x00"], "the original must be left alone: it may be sent to the remote")
+}
+
+func TestNewSnapshotTrustsOnlyBodiesThatShowTheWrite(t *testing.T) {
+	t.Parallel()
+	patch := &applier{t: &TargetConfig{UpdateMethod: http.MethodPatch}}
+	put := &applier{t: &TargetConfig{UpdateMethod: http.MethodPut}}
+	base := resourceState{snapshot: map[string]any{"owner": "a", "status": "open"}}
+	written := map[string]any{"status": "won"}
+
+	full := response{body: map[string]any{"owner": "a", "status": "won", "updated": "now"}}
+	require.Equal(t, full.body, patch.newSnapshot(full, base, written), "a representation showing the write is the new base")
+
+	couch := response{body: map[string]any{"ok": true, "id": "x", "rev": "2-b"}}
+	require.Equal(t, map[string]any{"owner": "a", "status": "won"}, put.newSnapshot(couch, base, written),
+		"a PUT answered with a receipt: the base is the document sent")
+
+	noBody := response{}
+	require.Equal(t, map[string]any{"owner": "a", "status": "won"}, patch.newSnapshot(noBody, base, written))
+	require.Nil(t, patch.newSnapshot(noBody, resourceState{}, written), "no old base and no representation: unknown, not partial")
+
+	removed := map[string]any{"owner": nil}
+	require.False(t, shows(map[string]any{"owner": "a"}, removed))
+	require.True(t, shows(map[string]any{"status": "x"}, removed))
+}
