@@ -39,35 +39,3 @@ func (q *Queries) TargetUpsert(ctx context.Context, db DBTX, arg TargetUpsertPar
 	)
 	return err
 }
-
-const targetsList = `-- name: TargetsList :many
-SELECT name, base_url, item_path, update_method, settings, created_at, updated_at FROM stagesync.targets ORDER BY name
-`
-
-func (q *Queries) TargetsList(ctx context.Context, db DBTX) ([]Target, error) {
-	rows, err := db.Query(ctx, targetsList)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	items := []Target{}
-	for rows.Next() {
-		var i Target
-		if err := rows.Scan(
-			&i.Name,
-			&i.BaseURL,
-			&i.ItemPath,
-			&i.UpdateMethod,
-			&i.Settings,
-			&i.CreatedAt,
-			&i.UpdatedAt,
-		); err != nil {
-			return nil, err
-		}
-		items = append(items, i)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, err
-	}
-	return items, nil
-}

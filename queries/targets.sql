@@ -8,6 +8,3 @@ SET base_url = EXCLUDED.base_url,
     item_path = EXCLUDED.item_path,
     update_method = EXCLUDED.update_method,
     settings = EXCLUDED.settings;
-
--- name: TargetsList :many
-SELECT * FROM stagesync.targets ORDER BY name;
