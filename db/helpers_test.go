@@ -2,7 +2,6 @@ package db_test
 
 import (
 	"context"
-	"net/url"
 	"testing"
 	"time"
 
@@ -26,13 +25,8 @@ type testDB struct {
 
 func newTestDB(t *testing.T) testDB {
 	t.Helper()
-	u, err := url.Parse(dbtest.NewDatabase(t))
-	require.NoError(t, err)
-	q := u.Query()
-	q.Set("timezone", "Asia/Kathmandu")
-	u.RawQuery = q.Encode()
-
-	pool, err := db.NewPool(t.Context(), u.String(), 8)
+	u := dbtest.InTimeZone(t, dbtest.NewDatabase(t), "Asia/Kathmandu")
+	pool, err := db.NewPool(t.Context(), u, 8)
 	require.NoError(t, err)
 	t.Cleanup(pool.Close)
 	_, err = pool.Exec(t.Context(), `INSERT INTO stagesync.targets (name, base_url, item_path)
@@ -40,7 +34,7 @@ func newTestDB(t *testing.T) testDB {
 		       ('billing', 'http://127.0.0.1:1', '/accounts/{id}'),
 		       ('ledger', 'http://127.0.0.1:1', '/entries/{id}')`)
 	require.NoError(t, err)
-	return testDB{URL: u.String(), Pool: pool}
+	return testDB{URL: u, Pool: pool}
 }
 
 // conn opens a dedicated connection, closed when the test ends. With a role

@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
-	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -28,15 +27,11 @@ import (
 // fixtures and assertions. Sessions use UTC so hour buckets are UTC hours.
 func testDatabase(t *testing.T) (string, *pgxpool.Pool) {
 	t.Helper()
-	u, err := url.Parse(dbtest.NewDatabase(t))
-	require.NoError(t, err)
-	q := u.Query()
-	q.Set("timezone", "UTC")
-	u.RawQuery = q.Encode()
-	pool, err := db.NewPool(t.Context(), u.String(), 8)
+	u := dbtest.InTimeZone(t, dbtest.NewDatabase(t), "UTC")
+	pool, err := db.NewPool(t.Context(), u, 8)
 	require.NoError(t, err)
 	t.Cleanup(pool.Close)
-	return u.String(), pool
+	return u, pool
 }
 
 func execSQL(t *testing.T, pool *pgxpool.Pool, sql string, args ...any) {

@@ -77,6 +77,20 @@ func NewDatabase(t testing.TB) string {
 	return withDatabase(AdminURL(), name)
 }
 
+// InTimeZone returns the database URL with its sessions' time zone set, for
+// tests whose figures depend on it (hour buckets, formatted times).
+func InTimeZone(t testing.TB, rawURL, tz string) string {
+	t.Helper()
+	u, err := url.Parse(rawURL)
+	if err != nil {
+		t.Fatalf("parse database URL: %s", redactedErr(err))
+	}
+	q := u.Query()
+	q.Set("timezone", tz)
+	u.RawQuery = q.Encode()
+	return u.String()
+}
+
 // NewPool is NewDatabase plus a pool on it, closed before the drop.
 func NewPool(t testing.TB) *pgxpool.Pool {
 	t.Helper()
