@@ -13,7 +13,7 @@ SQLC := $(BIN)/sqlc
 STATICCHECK := $(BIN)/staticcheck
 DBURL = $$(cat $(BIN)/database_url)
 
-.PHONY: all generate build test test-short lint db-up demo bench clean tools chromium
+.PHONY: all generate build test test-race test-short lint db-up demo bench clean tools chromium
 
 all: lint test
 
@@ -73,6 +73,10 @@ chromium:
 # packages run in parallel and repeated runs don't interfere.
 test: db-up chromium
 	DATABASE_URL=$(DBURL) $(GO) test -count=1 -timeout 20m ./...
+
+# The same with the race detector (needs cgo, i.e. a C compiler).
+test-race: db-up chromium
+	DATABASE_URL=$(DBURL) $(GO) test -race -count=1 -timeout 30m ./...
 
 test-short: db-up
 	DATABASE_URL=$(DBURL) $(GO) test -count=1 -short ./...
