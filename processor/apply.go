@@ -180,6 +180,14 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 		}
 		st = a.stateFrom(cur)
 		rr.setState(st)
+		if cur.body != nil && shows(cur.body, fold(seg)) {
+			// Already there: a write made before a crash that was never
+			// recorded (the retry has no stored ETag to conflict on), or
+			// simply the same values. Writing again would be a second
+			// effect.
+			rr.finish(seg, statusNoop, "", "")
+			return true
+		}
 	}
 	resp := a.write(ctx, rr, seg, st, fold(seg))
 	switch {

@@ -127,7 +127,14 @@ func (w *applyWorker) Work(ctx context.Context, job *river.Job[ApplyArgs]) error
 		if len(runs) == 0 {
 			break
 		}
-		p.prefetchETags(ctx, a, runs)
+		// A job River runs again (its process died, or recording failed)
+		// may have written without recording it. Its resources are then
+		// fetched one by one instead: a GET brings the body, so values
+		// already written end noop rather than being written twice under
+		// a freshly looked-up ETag.
+		if job.Attempt <= 1 {
+			p.prefetchETags(ctx, a, runs)
+		}
 		var wg sync.WaitGroup
 		for _, rr := range runs {
 			wg.Go(func() { a.run(ctx, rr) })
