@@ -43,25 +43,26 @@ func (w *dispatchWorker) Work(ctx context.Context, _ *river.Job[DispatchArgs]) e
 	return err
 }
 
-// Claim turns pending changes into apply jobs until none are left: each
+// Claim turns pending changes into apply jobs: each
 // round claims up to ClaimBatch changes with FOR UPDATE SKIP LOCKED, marks
 // them processing and inserts their jobs in the same transaction, so a
 // claimed change always has a job (or is covered by one already queued for
 // its resource). It returns how many changes it claimed.
 //
-// It claims ahead only while the queues are short (claimAhead jobs per
-// worker): a deep backlog stays pending, cheap to hold and to scan, and is
-// claimed as jobs finish (each finished job wakes the claimer).
+// It claims only for targets whose queue is short (fewer than claimAhead
+// available jobs per worker): a deep backlog stays pending, cheap to hold
+// and to scan, and is claimed as jobs finish (each finished job wakes the
+// claimer).
 func (p *Processor) Claim(ctx context.Context) (int, error) {
 	total := 0
 	for {
-		n, err := p.claimOnce(ctx)
-		total += n
-		if err != nil || n < p.cfg.Dispatch.ClaimBatch {
+		targets, err := p.targetsWithRoom(ctx)
+		if err != nil || len(targets) == 0 {
 			return total, err
 		}
-		full, err := p.queuesFull(ctx)
-		if err != nil || full {
+		n, err := p.claimOnce(ctx, targets)
+		total += n
+		if err != nil || n < p.cfg.Dispatch.ClaimBatch {
 			return total, err
 		}
 	}
@@ -71,12 +72,12 @@ func (p *Processor) Claim(ctx context.Context) (int, error) {
 // the workers busy until the next claim.
 const claimAhead = 2
 
-// queuesFull reports whether every target's queue holds enough available
-// jobs for its workers.
-func (p *Processor) queuesFull(ctx context.Context) (bool, error) {
+// targetsWithRoom lists the targets whose queue holds fewer available jobs
+// than their workers can start soon.
+func (p *Processor) targetsWithRoom(ctx context.Context) ([]string, error) {
 	depth, err := p.q.RiverQueueDepth(ctx, p.pool)
 	if err != nil {
-		return false, fmt.Errorf("read queue depth: %w", err)
+		return nil, fmt.Errorf("read queue depth: %w", err)
 	}
 	available := map[string]int64{}
 	for _, d := range depth {
@@ -84,12 +85,13 @@ func (p *Processor) queuesFull(ctx context.Context) (bool, error) {
 			available[d.Queue] = d.Jobs
 		}
 	}
-	for name, t := range p.cfg.Targets {
-		if available[QueueName(name)] < int64(claimAhead*t.Workers) {
-			return false, nil
+	var room []string
+	for _, name := range p.cfg.TargetNames() {
+		if available[QueueName(name)] < int64(claimAhead*p.cfg.Targets[name].Workers) {
+			room = append(room, name)
 		}
 	}
-	return true, nil
+	return room, nil
 }
 
 // wakeClaimer asks the claimer to run; wake-ups coalesce.
@@ -100,11 +102,13 @@ func (p *Processor) wakeClaimer() {
 	}
 }
 
-func (p *Processor) claimOnce(ctx context.Context) (int, error) {
+// claimOnce runs one claim transaction for the given targets and returns
+// how many changes it claimed.
+func (p *Processor) claimOnce(ctx context.Context, targetNames []string) (int, error) {
 	var claimed int
 	err := pgx.BeginFunc(ctx, p.pool, func(tx pgx.Tx) error {
 		rows, err := p.q.ChangesClaimPending(ctx, tx, db.ChangesClaimPendingParams{
-			Targets: p.cfg.TargetNames(), Max: int32(p.cfg.Dispatch.ClaimBatch),
+			Targets: targetNames, Max: int32(p.cfg.Dispatch.ClaimBatch),
 		})
 		if err != nil {
 			return fmt.Errorf("claim pending changes: %w", err)
