@@ -95,22 +95,49 @@ type Merge struct {
 }
 
 type Resource struct {
-	Target       string     `json:"target"`
-	ResourceID   string     `json:"resource_id"`
-	ETag         *string    `json:"etag"`
-	Snapshot     []byte     `json:"snapshot"`
-	Deleted      bool       `json:"deleted"`
-	FetchedAt    *time.Time `json:"fetched_at"`
-	UpdatedAt    time.Time  `json:"updated_at"`
-	LastChangeID *int64     `json:"last_change_id"`
+	Target        string     `json:"target"`
+	ResourceID    string     `json:"resource_id"`
+	ETag          *string    `json:"etag"`
+	Snapshot      []byte     `json:"snapshot"`
+	Deleted       bool       `json:"deleted"`
+	FetchedAt     *time.Time `json:"fetched_at"`
+	UpdatedAt     time.Time  `json:"updated_at"`
+	LastChangeID  *int64     `json:"last_change_id"`
+	FieldVersions []byte     `json:"field_versions"`
+	InDoubt       []byte     `json:"in_doubt"`
+}
+
+type StagesyncProcess struct {
+	ClientID    string    `json:"client_id"`
+	LockKey     int64     `json:"lock_key"`
+	Hostname    string    `json:"hostname"`
+	Pid         int32     `json:"pid"`
+	Targets     []string  `json:"targets"`
+	StartedAt   time.Time `json:"started_at"`
+	HeartbeatAt time.Time `json:"heartbeat_at"`
+}
+
+type StagesyncTargetHealth struct {
+	Target              string     `json:"target"`
+	ClientID            string     `json:"client_id"`
+	InflightLimit       int32      `json:"inflight_limit"`
+	Concurrency         int32      `json:"concurrency"`
+	RateShare           *float64   `json:"rate_share"`
+	LastSuccessAt       *time.Time `json:"last_success_at"`
+	LastErrorAt         *time.Time `json:"last_error_at"`
+	LastError           *string    `json:"last_error"`
+	ConsecutiveFailures int32      `json:"consecutive_failures"`
+	UpdatedAt           time.Time  `json:"updated_at"`
 }
 
 type Target struct {
-	Name         string    `json:"name"`
-	BaseURL      string    `json:"base_url"`
-	ItemPath     string    `json:"item_path"`
-	UpdateMethod string    `json:"update_method"`
-	Settings     []byte    `json:"settings"`
-	CreatedAt    time.Time `json:"created_at"`
-	UpdatedAt    time.Time `json:"updated_at"`
+	Name         string     `json:"name"`
+	BaseURL      string     `json:"base_url"`
+	ItemPath     string     `json:"item_path"`
+	UpdateMethod string     `json:"update_method"`
+	Settings     []byte     `json:"settings"`
+	CreatedAt    time.Time  `json:"created_at"`
+	UpdatedAt    time.Time  `json:"updated_at"`
+	PausedUntil  *time.Time `json:"paused_until"`
+	PauseReason  *string    `json:"pause_reason"`
 }

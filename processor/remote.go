@@ -14,8 +14,6 @@ import (
 	"strconv"
 	"strings"
 	"time"
-
-	"golang.org/x/time/rate"
 )
 
 // remote talks to one target over a shared keep-alive http.Client. It makes
@@ -24,17 +22,12 @@ import (
 type remote struct {
 	t       *TargetConfig
 	client  *http.Client
-	limiter *rate.Limiter
-	sem     chan struct{}
+	gate    *gate
 	metrics *Metrics
 }
 
 func newRemote(t *TargetConfig, client *http.Client, m *Metrics) *remote {
-	lim := rate.NewLimiter(rate.Inf, 0)
-	if t.RateLimit > 0 {
-		lim = rate.NewLimiter(rate.Limit(t.RateLimit), max(1, int(t.RateLimit/10)))
-	}
-	return &remote{t: t, client: client, limiter: lim, sem: make(chan struct{}, t.Concurrency), metrics: m}
+	return &remote{t: t, client: client, gate: newGate(t), metrics: m}
 }
 
 // response is one HTTP exchange, success or not.
@@ -101,20 +94,21 @@ type request struct {
 	idemKey     bool
 }
 
-// do sends one request, waiting for a concurrency slot and the rate limiter.
+// do sends one request once the target's gate admits it.
 func (r *remote) do(ctx context.Context, req request) response {
-	select {
-	case r.sem <- struct{}{}:
-	case <-ctx.Done():
-		return response{notSent: true, err: ctx.Err()}
-	}
-	defer func() { <-r.sem }()
-	if err := r.limiter.Wait(ctx); err != nil {
+	release, err := r.gate.acquire(ctx)
+	if err != nil {
 		// The job is ending (cancelled, or its deadline comes before the
-		// limiter would let this request go).
-		return response{notSent: true, err: fmt.Errorf("rate limiter: %w", err)}
+		// gate would let this request go).
+		return response{notSent: true, err: err}
 	}
+	defer release()
+	return r.send(ctx, req)
+}
 
+// send makes the HTTP exchange of one request and describes it as an
+// attempt.
+func (r *remote) send(ctx context.Context, req request) response {
 	var body io.Reader
 	if req.body != nil {
 		b, err := json.Marshal(req.body)
