@@ -27,10 +27,26 @@ import (
 )
 
 var (
-	templateOnce sync.Once
+	templateMu   sync.Mutex
 	templateName string
-	templateErr  error
 )
+
+// template returns the migrated template's name, building it on first use
+// or again when rebuild is set (a parallel run of another schema version
+// dropped it).
+func template(ctx context.Context, rebuild bool) (string, error) {
+	templateMu.Lock()
+	defer templateMu.Unlock()
+	if templateName != "" && !rebuild {
+		return templateName, nil
+	}
+	name, err := ensureTemplate(ctx)
+	if err != nil {
+		return "", err
+	}
+	templateName = name
+	return name, nil
+}
 
 // AdminURL is the server's maintenance database: DATABASE_URL if set
 // (`make db-up` exports the one it found or started), else the local default.
@@ -46,9 +62,9 @@ func AdminURL() string {
 func NewDatabase(t testing.TB) string {
 	t.Helper()
 	ctx := t.Context()
-	templateOnce.Do(func() { templateName, templateErr = ensureTemplate(context.Background()) })
-	if templateErr != nil {
-		t.Fatalf("prepare template database: %v", templateErr)
+	tpl, err := template(context.WithoutCancel(ctx), false)
+	if err != nil {
+		t.Fatalf("prepare template database: %v", err)
 	}
 
 	name := "stagesync_test_" + randomHex(8)
@@ -57,7 +73,16 @@ func NewDatabase(t testing.TB) string {
 		t.Fatalf("connect to %s: %v", redact(AdminURL()), err)
 	}
 	defer admin.Close(context.WithoutCancel(ctx))
-	if err := createFromTemplate(ctx, admin, name, templateName); err != nil {
+	err = createFromTemplate(ctx, admin, name, tpl)
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "3D000" {
+		// The template was dropped as stale by a test run of another
+		// schema version on the same server: build it again.
+		if tpl, err = template(context.WithoutCancel(ctx), true); err == nil {
+			err = createFromTemplate(ctx, admin, name, tpl)
+		}
+	}
+	if err != nil {
 		t.Fatalf("create test database: %v", err)
 	}
 	t.Cleanup(func() {
@@ -176,16 +201,36 @@ func ensureTemplate(ctx context.Context) (string, error) {
 	if _, err := admin.Exec(ctx, "ALTER DATABASE "+pgx.Identifier{tmp}.Sanitize()+" RENAME TO "+pgx.Identifier{name}.Sanitize()); err != nil {
 		return "", fmt.Errorf("rename template: %w", err)
 	}
+	// The build time lets dropStaleTemplates spare templates that a run of
+	// another schema version (another branch) may be using right now.
+	// COMMENT takes no parameters; the literal holds no quote.
+	stamp := templateBuiltPrefix + time.Now().UTC().Format(time.RFC3339)
+	if _, err := admin.Exec(ctx, "COMMENT ON DATABASE "+pgx.Identifier{name}.Sanitize()+" IS '"+stamp+"'"); err != nil {
+		return "", fmt.Errorf("stamp template: %w", err)
+	}
 	dropStaleTemplates(ctx, admin, name)
 	return name, nil
 }
 
-// dropStaleTemplates removes templates of earlier schema versions, so a
-// developer's server does not collect one per migration edit. One still in
-// use (a test binary of another version cloning it) refuses the drop and
-// is left for next time.
+// templateBuiltPrefix starts a template's comment; the build time follows.
+const templateBuiltPrefix = "stagesync test template built "
+
+// staleTemplateAge is how long a template of another schema version is
+// kept: a test run on another branch may be cloning it.
+const staleTemplateAge = time.Hour
+
+// dropStaleTemplates removes templates of other schema versions built over
+// staleTemplateAge ago, so a developer's server does not collect one per
+// migration edit. One still in use refuses the drop and is left for next
+// time; a run that finds its template gone builds it again.
 func dropStaleTemplates(ctx context.Context, admin *pgx.Conn, keep string) {
-	rows, err := admin.Query(ctx, `SELECT datname FROM pg_database WHERE datname LIKE 'stagesync\_tpl\_%' AND datname <> $1`, keep)
+	rows, err := admin.Query(ctx, `
+		SELECT d.datname FROM pg_database d
+		LEFT JOIN pg_shdescription s ON s.objoid = d.oid AND s.classoid = 'pg_database'::regclass
+		WHERE d.datname LIKE 'stagesync\_tpl\_%' AND d.datname <> $1
+		  AND (s.description IS NULL OR s.description NOT LIKE $2 || '%'
+		       OR substr(s.description, length($2) + 1)::timestamptz < now() - $3::interval)`,
+		keep, templateBuiltPrefix, staleTemplateAge.String())
 	if err != nil {
 		return
 	}
