@@ -59,6 +59,7 @@ type Change struct {
 	UpdatedAt      time.Time  `json:"updated_at"`
 	FinishedAt     *time.Time `json:"finished_at"`
 	AppliedETag    *string    `json:"applied_etag"`
+	OutcomeDetail  *string    `json:"outcome_detail"`
 }
 
 type ConflictRate struct {

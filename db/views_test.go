@@ -305,6 +305,6 @@ func TestChangeHistory(t *testing.T) {
 			"error": nil, "change_ids": []any{float64(x)}}, details[1])
 		require.Equal(t, map[string]any{"name": "took_ours", "zip": "kept_theirs"}, details[3]["decisions"])
 		require.Equal(t, []any{float64(x), float64(y)}, details[3]["change_ids"])
-		require.Equal(t, map[string]any{"applied_etag": `"v3"`, "last_error": nil, "attempts": float64(2)}, details[5])
+		require.Equal(t, map[string]any{"applied_etag": `"v3"`, "last_error": nil, "attempts": float64(2), "outcome_detail": nil}, details[5])
 	})
 }

@@ -60,7 +60,101 @@ CREATE TABLE stagesync.target_health (
 
 GRANT SELECT ON stagesync.processes, stagesync.target_health TO stagesync_reporting;
 
+-- Why a change ended as it did when the state alone does not say: a noop
+-- superseded by a newer change, fields kept from the remote by a policy.
+-- last_error stays for what went wrong.
+ALTER TABLE stagesync.changes ADD COLUMN outcome_detail text;
+
+-- change_history's last event carries outcome_detail.
+-- +goose StatementBegin
+CREATE OR REPLACE FUNCTION stagesync.change_history(change_id bigint)
+RETURNS TABLE (at timestamptz, event text, method text, url text,
+               status_code integer, outcome text, detail jsonb)
+LANGUAGE sql STABLE AS $$
+    SELECT h.at, h.event, h.method, h.url, h.status_code, h.outcome, h.detail
+    FROM (
+        SELECT c.created_at AS at, 0 AS ord, 0::bigint AS seq, 'staged' AS event,
+               NULL::text AS method, NULL::text AS url, NULL::integer AS status_code,
+               NULL::text AS outcome,
+               jsonb_build_object('op', c.op, 'fields', c.fields, 'source', c.source,
+                                  'idempotency_key', c.idempotency_key) AS detail
+        FROM stagesync.changes c WHERE c.id = change_history.change_id
+        UNION ALL
+        SELECT a.created_at, 1, a.id, 'attempt', a.method, a.url, a.status_code, a.outcome,
+               jsonb_build_object('if_match', a.if_match, 'response_etag', a.response_etag,
+                                  'duration_ms', a.duration_ms, 'error', a.error,
+                                  'change_ids', a.change_ids)
+        FROM stagesync.changes c
+        JOIN stagesync.attempts a
+          ON a.target = c.target AND a.resource_id = c.resource_id
+         AND a.change_ids @> ARRAY[c.id]
+        WHERE c.id = change_history.change_id
+        UNION ALL
+        SELECT m.created_at, 1, m.id, 'merge', NULL, NULL, NULL, m.outcome,
+               jsonb_build_object('base', m.base, 'ours', m.ours, 'theirs', m.theirs,
+                                  'result', m.result, 'decisions', m.decisions,
+                                  'change_ids', m.change_ids)
+        FROM stagesync.changes c
+        JOIN stagesync.merges m
+          ON m.target = c.target AND m.resource_id = c.resource_id
+         AND m.change_ids @> ARRAY[c.id]
+        WHERE c.id = change_history.change_id
+        UNION ALL
+        SELECT c.finished_at, 2, 0, 'finished', NULL, NULL, NULL, c.status,
+               jsonb_build_object('applied_etag', c.applied_etag, 'last_error', c.last_error,
+                                  'attempts', c.attempts, 'outcome_detail', c.outcome_detail)
+        FROM stagesync.changes c
+        WHERE c.id = change_history.change_id AND c.finished_at IS NOT NULL
+    ) h
+    ORDER BY h.at, h.ord, h.seq;
+$$;
+-- +goose StatementEnd
+
 -- +goose Down
+-- +goose StatementBegin
+CREATE OR REPLACE FUNCTION stagesync.change_history(change_id bigint)
+RETURNS TABLE (at timestamptz, event text, method text, url text,
+               status_code integer, outcome text, detail jsonb)
+LANGUAGE sql STABLE AS $$
+    SELECT h.at, h.event, h.method, h.url, h.status_code, h.outcome, h.detail
+    FROM (
+        SELECT c.created_at AS at, 0 AS ord, 0::bigint AS seq, 'staged' AS event,
+               NULL::text AS method, NULL::text AS url, NULL::integer AS status_code,
+               NULL::text AS outcome,
+               jsonb_build_object('op', c.op, 'fields', c.fields, 'source', c.source,
+                                  'idempotency_key', c.idempotency_key) AS detail
+        FROM stagesync.changes c WHERE c.id = change_history.change_id
+        UNION ALL
+        SELECT a.created_at, 1, a.id, 'attempt', a.method, a.url, a.status_code, a.outcome,
+               jsonb_build_object('if_match', a.if_match, 'response_etag', a.response_etag,
+                                  'duration_ms', a.duration_ms, 'error', a.error,
+                                  'change_ids', a.change_ids)
+        FROM stagesync.changes c
+        JOIN stagesync.attempts a
+          ON a.target = c.target AND a.resource_id = c.resource_id
+         AND a.change_ids @> ARRAY[c.id]
+        WHERE c.id = change_history.change_id
+        UNION ALL
+        SELECT m.created_at, 1, m.id, 'merge', NULL, NULL, NULL, m.outcome,
+               jsonb_build_object('base', m.base, 'ours', m.ours, 'theirs', m.theirs,
+                                  'result', m.result, 'decisions', m.decisions,
+                                  'change_ids', m.change_ids)
+        FROM stagesync.changes c
+        JOIN stagesync.merges m
+          ON m.target = c.target AND m.resource_id = c.resource_id
+         AND m.change_ids @> ARRAY[c.id]
+        WHERE c.id = change_history.change_id
+        UNION ALL
+        SELECT c.finished_at, 2, 0, 'finished', NULL, NULL, NULL, c.status,
+               jsonb_build_object('applied_etag', c.applied_etag, 'last_error', c.last_error,
+                                  'attempts', c.attempts)
+        FROM stagesync.changes c
+        WHERE c.id = change_history.change_id AND c.finished_at IS NOT NULL
+    ) h
+    ORDER BY h.at, h.ord, h.seq;
+$$;
+-- +goose StatementEnd
+ALTER TABLE stagesync.changes DROP COLUMN outcome_detail;
 REVOKE ALL ON stagesync.processes, stagesync.target_health FROM stagesync_reporting;
 DROP TABLE stagesync.target_health;
 DROP TABLE stagesync.processes;
