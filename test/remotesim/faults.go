@@ -12,6 +12,9 @@ const (
 	faultReset     = "reset"
 	faultError     = "error"
 	faultRateLimit = "ratelimit"
+	// faultDropAfterCommit is a write that changed state and whose connection was then
+	// reset without an answer.
+	faultDropAfterCommit = "drop-after-commit"
 )
 
 // Faults are the fault-injection settings that can change while the Sim serves; see the
@@ -23,6 +26,9 @@ type Faults struct {
 	RateLimitRate float64
 	// ResetRate is the fraction in [0,1] of API requests whose connection is reset.
 	ResetRate float64
+	// DropAfterCommitRate is the fraction in [0,1] of writes that change state and then
+	// have their connection reset without an answer.
+	DropAfterCommitRate float64
 	// Latency is added to every API request.
 	Latency time.Duration
 }
@@ -33,7 +39,10 @@ func (f Faults) problem() string {
 	for _, r := range []struct {
 		name string
 		v    float64
-	}{{"ErrorRate", f.ErrorRate}, {"RateLimitRate", f.RateLimitRate}, {"ResetRate", f.ResetRate}} {
+	}{
+		{"ErrorRate", f.ErrorRate}, {"RateLimitRate", f.RateLimitRate}, {"ResetRate", f.ResetRate},
+		{"DropAfterCommitRate", f.DropAfterCommitRate},
+	} {
 		if !(r.v >= 0 && r.v <= 1) { // also rejects NaN
 			return fmt.Sprintf("%s %v: must be in [0,1]", r.name, r.v)
 		}
@@ -55,9 +64,11 @@ func (s *Sim) SetFaults(f Faults) {
 	s.mu.Unlock()
 }
 
-// drawFaultLocked decides the fault for one request, in the order reset, error, rate limit.
-// A zero rate draws nothing, so enabling one fault does not shift the others' sequence.
-func (s *Sim) drawFaultLocked() string {
+// drawFaultLocked decides the fault for one request of kind k, in the order reset, error,
+// rate limit, drop after commit (writes only). A zero rate draws nothing, so enabling one
+// fault does not shift the others' sequence. A drop after commit is only a candidate: it
+// happens only if the write changes state.
+func (s *Sim) drawFaultLocked(k kind) string {
 	f := &s.faults
 	switch {
 	case f.ResetRate > 0 && s.rng.Float64() < f.ResetRate:
@@ -66,6 +77,8 @@ func (s *Sim) drawFaultLocked() string {
 		return faultError
 	case f.RateLimitRate > 0 && s.rng.Float64() < f.RateLimitRate:
 		return faultRateLimit
+	case k.writes() && f.DropAfterCommitRate > 0 && s.rng.Float64() < f.DropAfterCommitRate:
+		return faultDropAfterCommit
 	}
 	return ""
 }

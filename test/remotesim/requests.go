@@ -15,11 +15,15 @@ type Request struct {
 	// Authorization is "present" if the request carried an Authorization header, else
 	// empty. The value itself is never kept.
 	Authorization string `json:"authorization"`
-	// Status is the status sent; 0 for a reset connection, 499 if the client went away
-	// during Latency (nothing is sent then).
+	// Status is the status sent; 0 for a reset connection (also after a commit), 499 if
+	// the client went away during Latency (nothing is sent then).
 	Status int `json:"status"`
-	// Fault is the injected fault: "", "error", "ratelimit" or "reset".
+	// Fault is the injected fault: "", "error", "ratelimit", "reset" or
+	// "drop-after-commit".
 	Fault string `json:"fault"`
+	// Committed reports that the request changed state: its version is in History, whether
+	// or not its answer reached the client.
+	Committed bool `json:"committed"`
 	// Start is when the request arrived; End is when its response was written (or the
 	// connection reset), so End-Start includes Latency.
 	Start time.Time `json:"start"`
@@ -47,8 +51,15 @@ type Stats struct {
 	Conflicts int `json:"conflicts"`
 	// PreconditionRequired counts writes refused for lack of If-Match (428).
 	PreconditionRequired int `json:"precondition_required"`
-	// Faults counts requests answered by an injected fault.
+	// NotModified counts GETs answered 304 because If-None-Match matched.
+	NotModified int `json:"not_modified"`
+	// Faults counts requests with an injected fault: answered by the fault (error, rate
+	// limit), reset, or dropped after their commit.
 	Faults int `json:"faults"`
+	// DroppedAfterCommit counts writes that changed state and then had their connection
+	// reset without an answer (DropAfterCommitRate). They are also counted in Faults and in
+	// their kind (Patches, Puts, Deletes).
+	DroppedAfterCommit int `json:"dropped_after_commit"`
 	// Replays counts responses replayed from the idempotency cache.
 	Replays int `json:"replays"`
 	// MaxInFlightPerResource is the most requests ever in progress at once for a single

@@ -88,6 +88,17 @@ type Options struct {
 	// any response.
 	ResetRate float64
 
+	// DropAfterCommitRate is the fraction in [0,1] of writes (PATCH, PUT, DELETE) that
+	// change state and then have their connection reset without an answer, so the client
+	// cannot know that its write landed. The write is in History, its answer is stored in
+	// the idempotency cache (if enabled) as if it had been sent, and the request log shows
+	// it with Fault "drop-after-commit", Committed true and Status 0. A write drawn for
+	// this fault that changes nothing (a conflict, a 428) is answered normally.
+	DropAfterCommitRate float64
+
+	// Hooks are run at exact points of requests; see Hooks. SetHooks replaces them.
+	Hooks Hooks
+
 	// Seed seeds the random source of faults and of StartOtherUsers. Zero means a
 	// time-based seed.
 	Seed int64
@@ -114,6 +125,7 @@ type Sim struct {
 	mu         sync.Mutex
 	rng        *rand.Rand
 	faults     Faults
+	hooks      Hooks
 	errorCount uint64 // alternates injected errors between 500 and 503
 	resources  map[string]*resource
 	ids        []string // the keys of resources, for O(1) random picks
@@ -147,7 +159,10 @@ func New(opts Options) *Sim {
 	default:
 		panic(fmt.Sprintf("remotesim: ConflictStatus %d: must be 409 or 412", opts.ConflictStatus))
 	}
-	faults := Faults{ErrorRate: opts.ErrorRate, RateLimitRate: opts.RateLimitRate, ResetRate: opts.ResetRate, Latency: opts.Latency}
+	faults := Faults{
+		ErrorRate: opts.ErrorRate, RateLimitRate: opts.RateLimitRate, ResetRate: opts.ResetRate,
+		DropAfterCommitRate: opts.DropAfterCommitRate, Latency: opts.Latency,
+	}
 	if p := faults.problem(); p != "" {
 		panic("remotesim: " + p)
 	}
@@ -172,6 +187,7 @@ func New(opts Options) *Sim {
 		retryAfter: strconv.FormatInt(max(1, int64(math.Ceil(opts.RetryAfter.Seconds()))), 10),
 		rng:        rand.New(rand.NewPCG(uint64(seed), uint64(seed)^0x9e3779b97f4a7c15)),
 		faults:     faults,
+		hooks:      opts.Hooks,
 		resources:  make(map[string]*resource),
 		history:    make(map[string][]Version),
 		inflight:   make(map[string]int),
@@ -192,6 +208,11 @@ const (
 	kindDelete
 )
 
+// writes reports whether requests of kind k may change state.
+func (k kind) writes() bool {
+	return k == kindPatch || k == kindPut || k == kindDelete
+}
+
 // response is everything the Sim sends back; handlers return it so that logging, stats and
 // the idempotency cache see the exact status, ETag and body.
 type response struct {
@@ -202,23 +223,29 @@ type response struct {
 	allow      string
 }
 
-// exchange is one API request in progress.
+// exchange is one API request in progress. Handlers read the request from rec, body and
+// query, never from the HTTP request, so that a $batch item is handled by the same code.
 type exchange struct {
-	kind     kind
-	id       string
-	idemKey  string // method+path+Idempotency-Key when the cache applies
-	conflict bool   // the answer was a stale If-Match or an existing resource on create
-	handled  bool   // reached the handler: not faulted, not replayed, client still there
-	resp     response
-	rec      Request
-	slot     logSlot // the request's place in the log, taken on arrival
+	kind      kind
+	id        string
+	body      []byte     // the body of a write, read up to MaxBodyBytes
+	tooLarge  bool       // the body was larger than MaxBodyBytes
+	query     url.Values // the query of a batch GET
+	idemKey   string     // method+path+Idempotency-Key when the cache applies
+	conflict  bool       // the answer was a stale If-Match or an existing resource on create
+	handled   bool       // reached the handler: not faulted, not replayed, client still there
+	committed *Version   // the version this request wrote, if it changed state
+	resp      response
+	rec       Request
+	slot      logSlot // the request's place in the log, taken on arrival
 }
 
 // ServeHTTP serves the item API under ItemPrefix and the inspection endpoints under /_sim/.
 //
 // An API request is handled in this order: route, count it in flight for its resource,
 // sleep Latency, inject a fault (reset, error, rate limit), replay an idempotent response,
-// then run the method against state.
+// run the method against state, run Hooks.AfterCommitFunc if state changed, then answer
+// (or drop the connection after the commit).
 func (s *Sim) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	path := r.URL.EscapedPath()
 	if strings.HasPrefix(path, adminPrefix) {
@@ -242,7 +269,7 @@ func (s *Sim) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	x.rec.ID = x.id
 
 	s.mu.Lock()
-	x.rec.Fault = s.drawFaultLocked()
+	x.rec.Fault = s.drawFaultLocked(x.kind)
 	latency := s.faults.Latency
 	if x.id != "" {
 		n := s.inflight[x.id] + 1
@@ -273,6 +300,19 @@ func (s *Sim) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if x.kind != kindNone {
 			s.handle(w, r, &x)
 		}
+	}
+
+	if x.committed != nil {
+		s.afterCommit(r.Context(), &x)
+	}
+	if x.rec.Fault == faultDropAfterCommit {
+		if x.committed != nil {
+			x.rec.End = time.Now()
+			s.finish(&x)
+			resetConn(w)
+			return
+		}
+		x.rec.Fault = "" // nothing changed, so there is nothing to drop
 	}
 
 	s.write(w, &x.resp)
@@ -314,11 +354,23 @@ func (s *Sim) route(method, path string) (kind, string, response) {
 	}
 }
 
-// handle answers a routed, unfaulted API request into x.resp.
+// handle reads what the handlers need from r and applies x.
 func (s *Sim) handle(w http.ResponseWriter, r *http.Request, x *exchange) {
-	if x.kind == kindPatch || x.kind == kindPut || x.kind == kindDelete {
+	switch {
+	case x.kind == kindBatchGet:
+		x.query = r.URL.Query()
+	case x.kind == kindPatch || x.kind == kindPut:
+		x.body, x.tooLarge = readBody(w, r, s.opts.MaxBodyBytes)
+	}
+	s.apply(x)
+}
+
+// apply answers a routed, unfaulted API request into x.resp: it replays an idempotent
+// response or runs the method against state.
+func (s *Sim) apply(x *exchange) {
+	if x.kind.writes() {
 		if s.opts.IdempotencyCache && x.rec.IdempotencyKey != "" {
-			x.idemKey = r.Method + " " + x.rec.Path + " " + x.rec.IdempotencyKey
+			x.idemKey = x.rec.Method + " " + x.rec.Path + " " + x.rec.IdempotencyKey
 			s.mu.Lock()
 			cached, ok := s.idem.get(x.idemKey)
 			s.mu.Unlock()
@@ -334,14 +386,15 @@ func (s *Sim) handle(w http.ResponseWriter, r *http.Request, x *exchange) {
 	case kindGet:
 		x.resp = s.serveGet(x.id, x.rec.IfNoneMatch)
 	case kindBatchGet:
-		x.resp = s.serveBatchGet(r)
+		x.resp = s.serveBatchGet(x.query)
 	case kindPatch:
-		x.resp, x.conflict = s.servePatch(w, r, x.id)
+		s.servePatch(x)
 	case kindPut:
-		x.resp, x.conflict = s.servePut(w, r, x.id)
+		s.servePut(x)
 	case kindDelete:
-		x.resp, x.conflict = s.serveDelete(x.id, x.rec.IfMatch)
+		s.serveDelete(x)
 	}
+	x.rec.Committed = x.committed != nil
 }
 
 // finish ends an API request: it leaves the in-flight count, updates Stats, caches an
@@ -358,9 +411,15 @@ func (s *Sim) finish(x *exchange) {
 	}
 	st := &s.stats
 	st.Requests++
-	switch {
-	case x.rec.Fault != "":
+	if x.rec.Fault != "" {
 		st.Faults++
+	}
+	if x.rec.Fault == faultDropAfterCommit {
+		st.DroppedAfterCommit++
+	}
+	switch {
+	case x.rec.Fault != "" && !x.handled:
+		// Answered by the fault alone.
 	case x.rec.Replayed:
 		st.Replays++
 	case x.handled:
@@ -381,6 +440,9 @@ func (s *Sim) finish(x *exchange) {
 		}
 		if x.resp.status == http.StatusPreconditionRequired {
 			st.PreconditionRequired++
+		}
+		if x.resp.status == http.StatusNotModified {
+			st.NotModified++
 		}
 		if x.conflict {
 			st.Conflicts++
