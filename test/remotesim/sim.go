@@ -168,16 +168,16 @@ type Sim struct {
 
 	// mu guards everything below. One mutex is enough: critical sections are short and
 	// never include Latency or I/O.
-	mu         sync.Mutex
-	rng        *rand.Rand
-	batchPath  string // escaped BatchPath, e.g. "/$batch"; "" when BatchWrites is off
-	batchRoot  string // the folder of batchPath, e.g. "/"
+	mu        sync.Mutex
+	rng       *rand.Rand
+	batchPath string // escaped BatchPath, e.g. "/$batch"; "" when BatchWrites is off
+	batchRoot string // the folder of batchPath, e.g. "/"
 
 	faults     Faults
 	hooks      Hooks
 	mb         *misbehavior // replaced, never modified
 	batchSeq   int64        // numbers $batch POSTs, never reset
-	errorCount uint64 // alternates injected errors between 500 and 503
+	errorCount uint64       // alternates injected errors between 500 and 503
 	resources  map[string]*resource
 	ids        []string // the keys of resources, for O(1) random picks
 	history    map[string][]Version
