@@ -58,7 +58,7 @@ type itemRequest struct {
 // serveBatch answers a $batch POST into x.resp: it reads and validates the whole batch
 // (400, 413), then runs each item in order exactly as a single request (faults, idempotency
 // cache, ETag checks, AfterCommitFunc), and answers 200 with the items' answers.
-func (s *Sim) serveBatch(ctx context.Context, w http.ResponseWriter, r *http.Request, x *exchange) {
+func (s *Sim) serveBatch(w http.ResponseWriter, r *http.Request, x *exchange) {
 	limit := s.opts.MaxBodyBytes * int64(s.opts.MaxBatchRequests)
 	raw, tooLarge := readBody(w, r, limit)
 	if tooLarge {
@@ -85,7 +85,7 @@ func (s *Sim) serveBatch(ctx context.Context, w http.ResponseWriter, r *http.Req
 
 	answers := make([]batchItemAnswer, 0, len(items))
 	for i := range items {
-		if a, ok := s.serveBatchItem(ctx, x, &items[i]); ok {
+		if a, ok := s.serveBatchItem(r.Context(), x, &items[i]); ok {
 			answers = append(answers, a)
 		}
 	}

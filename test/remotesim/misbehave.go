@@ -179,7 +179,7 @@ func (s *Sim) answer(w http.ResponseWriter, r *http.Request, x *exchange) {
 	}
 	pad := padLength(resp.body, padTo)
 	size := int64(len(resp.body))
-	if pad > 0 {
+	if pad >= 0 {
 		size = padTo
 	}
 	h.Set("Content-Type", "application/json")
@@ -198,22 +198,23 @@ func (s *Sim) answer(w http.ResponseWriter, r *http.Request, x *exchange) {
 // padOverhead is the length of `"_pad":""`.
 var padOverhead = int64(len(`"` + padField + `":""`))
 
-// padLength is how many padding bytes bring the JSON object body to padTo bytes, or 0 if
-// it is not an object or already that large.
+// padLength is how many padding bytes bring the JSON object body to exactly padTo bytes,
+// or -1 if it is not an object or too large to add the pad field.
 func padLength(body []byte, padTo int64) int64 {
 	if padTo <= 0 || len(body) < 2 || body[0] != '{' {
-		return 0
+		return -1
 	}
 	overhead := padOverhead
 	if len(body) > 2 {
 		overhead++ // the comma
 	}
-	return max(0, padTo-int64(len(body))-overhead)
+	return max(-1, padTo-int64(len(body))-overhead)
 }
 
-// writePadded writes body with a "_pad" field of pad bytes added last.
+// writePadded writes body with a "_pad" field of pad bytes added last; pad < 0 writes
+// body as it is.
 func writePadded(w io.Writer, body []byte, pad int64) error {
-	if pad == 0 {
+	if pad < 0 {
 		_, err := w.Write(body)
 		return err
 	}

@@ -1,6 +1,6 @@
 // Package remotesim simulates a remote REST API that enforces ETags, so clients that write
 // to remote systems can be tested against optimistic concurrency, idempotency keys, other
-// users' edits and injected faults over real HTTP.
+// users' edits, OData JSON batches, injected faults and misbehaving answers over real HTTP.
 package remotesim
 
 import (
@@ -165,14 +165,13 @@ type Sim struct {
 	prefix     string // escaped ItemPrefix, e.g. "/items"
 	itemPrefix string // prefix + "/"
 	retryAfter string // Retry-After header value in whole seconds
+	batchPath  string // escaped BatchPath, e.g. "/$batch"; "" when BatchWrites is off
+	batchRoot  string // the folder of batchPath, e.g. "/"
 
 	// mu guards everything below. One mutex is enough: critical sections are short and
 	// never include Latency or I/O.
-	mu        sync.Mutex
-	rng       *rand.Rand
-	batchPath string // escaped BatchPath, e.g. "/$batch"; "" when BatchWrites is off
-	batchRoot string // the folder of batchPath, e.g. "/"
-
+	mu         sync.Mutex
+	rng        *rand.Rand
 	faults     Faults
 	hooks      Hooks
 	mb         *misbehavior // replaced, never modified
@@ -331,7 +330,8 @@ type exchange struct {
 // An API request is handled in this order: route, count it in flight for its resource,
 // sleep Latency, inject a fault (reset, error, rate limit), replay an idempotent response,
 // run the method against state, run Hooks.AfterCommitFunc if state changed, then answer
-// (or drop the connection after the commit).
+// (or drop the connection after the commit), misbehaving as Misbehavior says. A $batch
+// POST runs each of its items through the same steps after its own Latency and fault.
 func (s *Sim) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	path := r.URL.EscapedPath()
 	if strings.HasPrefix(path, adminPrefix) {
@@ -460,7 +460,7 @@ func (s *Sim) handle(w http.ResponseWriter, r *http.Request, x *exchange) {
 	switch {
 	case x.kind == kindBatch:
 		x.handled = true
-		s.serveBatch(r.Context(), w, r, x)
+		s.serveBatch(w, r, x)
 		return
 	case x.kind == kindBatchGet:
 		x.query = r.URL.Query()

@@ -114,7 +114,8 @@ func (s *Sim) History(id string) []Version {
 }
 
 // Reset clears resources, history, the request log, the idempotency cache and Stats. ETags
-// issued after a Reset still never repeat earlier ones. Fault settings are kept.
+// issued after a Reset still never repeat earlier ones, nor do $batch numbers. Faults,
+// Hooks and Misbehavior are kept.
 func (s *Sim) Reset() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
