@@ -24,6 +24,7 @@ var (
 	bodyRateLimited        = []byte(`{"error":"rate limited"}`)
 	bodyInternalError      = []byte(`{"error":"internal error"}`)
 	bodyServiceUnavailable = []byte(`{"error":"service unavailable"}`)
+	bodyNestedBatch        = []byte(`{"error":"a $batch item cannot be another $batch"}`)
 )
 
 // invalidValue is the field value the Sim rejects with 422, so tests can provoke a
@@ -60,7 +61,19 @@ func (s *Sim) serveGet(id, ifNoneMatch string) response {
 	if ifNoneMatch != "" && noneMatch(ifNoneMatch, etag) {
 		return response{status: http.StatusNotModified, etag: etag}
 	}
-	return response{status: http.StatusOK, etag: etag, body: body}
+	return response{status: http.StatusOK, etag: etag, body: body, item: true}
+}
+
+// ifMatchFails judges If-Match against the existing res: a stale ETag is answered
+// ConflictStatus, and with StrictIfMatch a weak entity tag always 412.
+func (s *Sim) ifMatchFails(res *resource, ifMatch string) (response, bool) {
+	if s.opts.StrictIfMatch && strings.HasPrefix(ifMatch, "W/") {
+		return conflictResponse(http.StatusPreconditionFailed, "weak entity tag in If-Match: If-Match compares strongly, so it never matches", res.etag), true
+	}
+	if res.etag != ifMatch {
+		return conflictResponse(s.opts.ConflictStatus, "etag mismatch", res.etag), true
+	}
+	return response{}, false
 }
 
 // noneMatch reports whether an If-None-Match header value matches etag, so that a GET is
@@ -108,18 +121,20 @@ func (s *Sim) servePatch(x *exchange) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	res := s.resources[x.id]
-	switch {
-	case res == nil:
+	if res == nil {
 		x.resp = response{status: http.StatusNotFound, body: bodyNotFound}
-	case res.etag != x.rec.IfMatch:
-		x.resp, x.conflict = conflictResponse(s.opts.ConflictStatus, "etag mismatch", res.etag), true
-	case invalid != nil:
-		x.resp = *invalid
-	default:
-		v := s.commitLocked(x.id, merge(res.fields, fields), fields, writerAPI, http.MethodPatch)
-		x.committed = &v
-		x.resp = response{status: http.StatusOK, etag: v.ETag, body: res.body}
+		return
 	}
+	if x.resp, x.conflict = s.ifMatchFails(res, x.rec.IfMatch); x.conflict {
+		return
+	}
+	if invalid != nil {
+		x.resp = *invalid
+		return
+	}
+	v := s.commitLocked(x.id, merge(res.fields, fields), fields, writerAPI, http.MethodPatch)
+	x.committed = &v
+	x.resp = response{status: http.StatusOK, etag: v.ETag, body: res.body, item: true}
 }
 
 // servePut creates the resource (If-None-Match: *) or replaces all its fields (If-Match).
@@ -139,24 +154,28 @@ func (s *Sim) servePut(x *exchange) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	res := s.resources[x.id]
+	status := http.StatusOK
 	switch {
 	case create && res != nil:
 		x.resp, x.conflict = conflictResponse(http.StatusPreconditionFailed, "resource exists", res.etag), true
-	case !create && res == nil:
+		return
+	case create:
+		status = http.StatusCreated
+	case res == nil:
 		x.resp = response{status: http.StatusNotFound, body: bodyNotFound}
-	case !create && res.etag != x.rec.IfMatch:
-		x.resp, x.conflict = conflictResponse(s.opts.ConflictStatus, "etag mismatch", res.etag), true
-	case invalid != nil:
-		x.resp = *invalid
+		return
 	default:
-		status := http.StatusOK
-		if create {
-			status = http.StatusCreated
+		if x.resp, x.conflict = s.ifMatchFails(res, x.rec.IfMatch); x.conflict {
+			return
 		}
-		v := s.commitLocked(x.id, fields, fields, writerAPI, http.MethodPut)
-		x.committed = &v
-		x.resp = response{status: status, etag: v.ETag, body: s.resources[x.id].body}
 	}
+	if invalid != nil {
+		x.resp = *invalid
+		return
+	}
+	v := s.commitLocked(x.id, fields, fields, writerAPI, http.MethodPut)
+	x.committed = &v
+	x.resp = response{status: status, etag: v.ETag, body: s.resources[x.id].body, item: true}
 }
 
 func (s *Sim) serveDelete(x *exchange) {
@@ -167,16 +186,16 @@ func (s *Sim) serveDelete(x *exchange) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	res := s.resources[x.id]
-	switch {
-	case res == nil:
+	if res == nil {
 		x.resp = response{status: http.StatusNotFound, body: bodyNotFound}
-	case res.etag != x.rec.IfMatch:
-		x.resp, x.conflict = conflictResponse(s.opts.ConflictStatus, "etag mismatch", res.etag), true
-	default:
-		v := s.deleteLocked(x.id, writerAPI)
-		x.committed = &v
-		x.resp = response{status: http.StatusNoContent}
+		return
 	}
+	if x.resp, x.conflict = s.ifMatchFails(res, x.rec.IfMatch); x.conflict {
+		return
+	}
+	v := s.deleteLocked(x.id, writerAPI)
+	x.committed = &v
+	x.resp = response{status: http.StatusNoContent}
 }
 
 // batchEntry is one resource found by a batch GET, copied out of the lock.
@@ -192,7 +211,7 @@ type batchEntry struct {
 // names select resource fields (absent from an item that lacks them); without fields, or
 // with "*" among them, each item is its whole representation plus "id" and "etag" (the
 // ETag wins over a resource field named "etag").
-func (s *Sim) serveBatchGet(q url.Values) response {
+func (s *Sim) serveBatchGet(q url.Values, mb *misbehavior) response {
 	idsParam, ok := q["ids"]
 	if !ok {
 		return response{status: http.StatusBadRequest, body: bodyIDsRequired}
@@ -242,6 +261,9 @@ func (s *Sim) serveBatchGet(q url.Values) response {
 				m[k] = v
 			}
 			m["id"], m["etag"] = e.id, e.etag
+			if mb.HugeNumberField != "" && mb.appliesTo(e.id) {
+				m[mb.HugeNumberField] = json.Number(HugeNumber)
+			}
 			out[i] = m
 			continue
 		}
@@ -252,6 +274,12 @@ func (s *Sim) serveBatchGet(q url.Values) response {
 				m["id"] = e.id
 			case "etag":
 				m["etag"] = e.etag
+			case mb.HugeNumberField:
+				if mb.appliesTo(e.id) {
+					m[name] = json.Number(HugeNumber)
+				} else if v, ok := e.fields[name]; ok {
+					m[name] = v
+				}
 			default:
 				if v, ok := e.fields[name]; ok {
 					m[name] = v

@@ -2,10 +2,13 @@ package remotesim
 
 import "time"
 
-// Request is one API request as the Sim saw it. Requests to /_sim/ are not recorded.
+// Request is one API request as the Sim saw it: a single HTTP request, a $batch POST, or
+// one item of a $batch (logged after its POST, in the order the items were run). Requests
+// to /_sim/ are not recorded.
 type Request struct {
 	Method string `json:"method"`
-	// Path is the escaped request path.
+	// Path is the escaped request path (of a $batch item: its url as an absolute path,
+	// without the query).
 	Path string `json:"path"`
 	// ID is the decoded resource id of an item request; empty otherwise.
 	ID             string `json:"id"`
@@ -18,8 +21,9 @@ type Request struct {
 	// Status is the status sent; 0 for a reset connection (also after a commit), 499 if
 	// the client went away during Latency (nothing is sent then).
 	Status int `json:"status"`
-	// Fault is the injected fault: "", "error", "ratelimit", "reset" or
-	// "drop-after-commit".
+	// Fault is the injected fault: "", "error", "ratelimit", "reset", "drop-after-commit",
+	// or for a $batch item "missing" (left out of the answer unprocessed) or
+	// "missing-applied" (processed, then left out). An item without an answer has Status 0.
 	Fault string `json:"fault"`
 	// Committed reports that the request changed state: its version is in History, whether
 	// or not its answer reached the client.
@@ -30,12 +34,23 @@ type Request struct {
 	End   time.Time `json:"end"`
 	// Replayed marks a response replayed from the idempotency cache.
 	Replayed bool `json:"replayed"`
+	// Batch numbers the $batch POST (1, 2, …) on the POST itself and on each of its items;
+	// 0 for single requests.
+	Batch int64 `json:"batch"`
+	// BatchItem is the "id" of a $batch item; empty for the POST and single requests.
+	BatchItem string `json:"batch_item"`
 }
 
-// Stats counts API requests since New or Reset. Requests to /_sim/ are not counted.
+// Stats counts API requests since New or Reset. Requests to /_sim/ are not counted. A
+// $batch item is counted like the same single request in every counter but Requests.
 type Stats struct {
-	// Requests counts every API request, including faulted ones and unknown paths.
+	// Requests counts every HTTP request to the API, including faulted ones, unknown paths
+	// and $batch POSTs (once each, whatever they hold): the requests a client paid for.
 	Requests int `json:"requests"`
+	// BatchPosts counts $batch POSTs that reached the batch logic (not faulted as a whole);
+	// BatchItems counts the items run inside them.
+	BatchPosts int `json:"batch_posts"`
+	BatchItems int `json:"batch_items"`
 	// Gets, BatchGets, Patches, Puts and Deletes count requests of that kind that reached
 	// the resource logic, whatever their status: faulted and replayed requests are not
 	// included. Puts includes creates.
@@ -63,8 +78,9 @@ type Stats struct {
 	// Replays counts responses replayed from the idempotency cache.
 	Replays int `json:"replays"`
 	// MaxInFlightPerResource is the most requests ever in progress at once for a single
-	// resource, counted from routing until the handler returns (Latency included). 1 proves
-	// a client never overlapped requests to one resource.
+	// resource, counted from routing until the handler returns (Latency included); a $batch
+	// item counts from the moment its batch is read until the item is done. 1 proves a
+	// client never overlapped requests to one resource.
 	MaxInFlightPerResource int `json:"max_in_flight_per_resource"`
 }
 

@@ -114,7 +114,8 @@ func (s *Sim) History(id string) []Version {
 }
 
 // Reset clears resources, history, the request log, the idempotency cache and Stats. ETags
-// issued after a Reset still never repeat earlier ones. Fault settings are kept.
+// issued after a Reset still never repeat earlier ones, nor do $batch numbers. Faults,
+// Hooks and Misbehavior are kept.
 func (s *Sim) Reset() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -133,7 +134,7 @@ func (s *Sim) Reset() {
 func (s *Sim) commitLocked(id string, fields, written map[string]any, writer, method string) Version {
 	body := encodeItem(id, fields)
 	s.etagSeq++
-	etag := s.makeETag(s.etagSeq, body)
+	etag := s.makeETag(s.etagSeq, body, s.mb.InvalidUTF8ETags && s.mb.appliesTo(id))
 	res := s.resources[id]
 	if res == nil {
 		res = &resource{idx: len(s.ids)}
@@ -169,8 +170,9 @@ func (s *Sim) recordLocked(id string, v Version) {
 }
 
 // makeETag builds "<seq>-<hash of body>": the counter makes ETags unique forever, the hash
-// makes them look like a real API's.
-func (s *Sim) makeETag(seq uint64, body []byte) string {
+// makes them look like a real API's. invalidUTF8 appends the bytes 0xFF 0xFE inside the
+// quotes (Misbehavior.InvalidUTF8ETags).
+func (s *Sim) makeETag(seq uint64, body []byte, invalidUTF8 bool) string {
 	h := fnv.New32a()
 	_, _ = h.Write(body) // hash.Hash never returns an error
 	b := make([]byte, 0, 32)
@@ -181,6 +183,9 @@ func (s *Sim) makeETag(seq uint64, body []byte) string {
 	b = strconv.AppendUint(b, seq, 10)
 	b = append(b, '-')
 	b = fmt.Appendf(b, "%08x", h.Sum32())
+	if invalidUTF8 {
+		b = append(b, 0xff, 0xfe)
+	}
 	b = append(b, '"')
 	return string(b)
 }
