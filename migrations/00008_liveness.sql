@@ -66,7 +66,13 @@ AS $$
         SET state = CASE WHEN j.attempt >= j.max_attempts
                          THEN 'discarded'::public.river_job_state
                          ELSE 'available'::public.river_job_state END,
-            scheduled_at = CASE WHEN j.attempt >= j.max_attempts THEN j.scheduled_at ELSE now() END,
+            -- To the front of its queue (River fetches by priority, then
+            -- scheduled_at): the dead process's work was started first and
+            -- goes first, ahead of the jobs waiting (another process's
+            -- claim may have queued those with an earlier scheduled_at).
+            scheduled_at = LEAST(j.scheduled_at, now(),
+                                 (SELECT min(o.scheduled_at) FROM public.river_job o
+                                  WHERE o.state = 'available' AND o.queue = j.queue)),
             finalized_at = CASE WHEN j.attempt >= j.max_attempts THEN now() END,
             errors = pg_catalog.array_append(j.errors, pg_catalog.jsonb_build_object(
                 'at', now(),
