@@ -14,18 +14,15 @@ import (
 // Throttling across processes. A pause one process's gate starts (a 429
 // or 503) is written to stagesync.targets.paused_until and notified on
 // stagesync_coord; every process applies it to its own gate at once, and
-// also reads the paused targets every pollEvery in case a notification was
-// missed (listener reconnecting). A target's rate_limit is a budget for
+// also reads the paused targets every second (rescueEvery, with the
+// liveness check) in case a notification was missed (listener
+// reconnecting). A target's rate_limit is a budget for
 // all live processes: each takes rate_limit / n, n being the live
 // processes serving the target (stagesync.live_processes), read every
 // healthEvery and whenever a process comes or goes.
 
 // coordChannel carries "processes" (one came or went) and "pause <target>".
 const coordChannel = "stagesync_coord"
-
-// pollEvery is how often pauses are read from the database as a safety net
-// for missed notifications.
-const pollEvery = time.Second
 
 // pauseShare queues the pauses this process starts for publishing. A gate
 // must not block on the database, so it only records the pause here; the
