@@ -250,22 +250,32 @@ func (p *Processor) coordinate(ctx context.Context) {
 	slow := time.NewTicker(healthEvery)
 	defer slow.Stop()
 	var errs coordErrors
+	// step runs one step with a deadline, so an unresponsive database
+	// delays the next check rather than stopping them all.
+	step := func(name string, f func(context.Context) error) {
+		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		errs.note(ctx, p.logger, name, f(sctx))
+	}
 	paused := p.pausedTargets()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-p.pausesNow:
-			errs.note(ctx, p.logger, "pauses", p.applyPauses(ctx))
+			step("pauses", p.applyPauses)
 		case <-p.sharesNow:
-			errs.note(ctx, p.logger, "shares", p.refreshShares(ctx))
+			step("shares", p.refreshShares)
 		case <-fast.C:
-			dead, err := p.rescueDead(ctx)
-			errs.note(ctx, p.logger, "rescue", err)
+			var dead bool
+			step("rescue", func(ctx context.Context) (err error) {
+				dead, err = p.rescueDead(ctx)
+				return err
+			})
 			if dead {
-				errs.note(ctx, p.logger, "shares", p.refreshShares(ctx))
+				step("shares", p.refreshShares)
 			}
-			errs.note(ctx, p.logger, "pauses", p.applyPauses(ctx))
+			step("pauses", p.applyPauses)
 			// Claims skip paused targets: claim what waited once a
 			// pause is over.
 			now := p.pausedTargets()
@@ -276,8 +286,8 @@ func (p *Processor) coordinate(ctx context.Context) {
 			}
 			paused = now
 		case <-slow.C:
-			errs.note(ctx, p.logger, "shares", p.refreshShares(ctx))
-			errs.note(ctx, p.logger, "health", p.writeHealth(ctx))
+			step("shares", p.refreshShares)
+			step("health", p.writeHealth)
 		}
 	}
 }
