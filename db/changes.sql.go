@@ -73,7 +73,7 @@ func (q *Queries) ChangesClaimPending(ctx context.Context, db DBTX, arg ChangesC
 }
 
 const changesListOpen = `-- name: ChangesListOpen :many
-SELECT id, resource_id, op, fields, attempts
+SELECT id, resource_id, op, fields, attempts, created_at
 FROM stagesync.changes
 WHERE target = $1
   AND resource_id = ANY ($2::text[])
@@ -89,11 +89,12 @@ type ChangesListOpenParams struct {
 }
 
 type ChangesListOpenRow struct {
-	ID         int64  `json:"id"`
-	ResourceID string `json:"resource_id"`
-	Op         string `json:"op"`
-	Fields     []byte `json:"fields"`
-	Attempts   int32  `json:"attempts"`
+	ID         int64     `json:"id"`
+	ResourceID string    `json:"resource_id"`
+	Op         string    `json:"op"`
+	Fields     []byte    `json:"fields"`
+	Attempts   int32     `json:"attempts"`
+	CreatedAt  time.Time `json:"created_at"`
 }
 
 // The open changes of the locked resources, in the order they must apply,
@@ -115,6 +116,7 @@ func (q *Queries) ChangesListOpen(ctx context.Context, db DBTX, arg ChangesListO
 			&i.Op,
 			&i.Fields,
 			&i.Attempts,
+			&i.CreatedAt,
 		); err != nil {
 			return nil, err
 		}

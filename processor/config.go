@@ -79,7 +79,8 @@ type TargetConfig struct {
 	// Workers is the most jobs of this target run at once per process;
 	// each holds one database connection. Defaults to 4.
 	Workers int `yaml:"workers"`
-	// RateLimit is requests per second per process; 0 means unlimited.
+	// RateLimit is requests per second to this target from all live
+	// processes together; each takes an equal share. 0 means unlimited.
 	RateLimit float64 `yaml:"rate_limit"`
 	// Timeout bounds one HTTP request. Defaults to 10s.
 	Timeout Duration `yaml:"timeout"`
@@ -87,7 +88,13 @@ type TargetConfig struct {
 	// dead. Defaults to 10.
 	MaxAttempts int `yaml:"max_attempts"`
 	// Backoff is the retry delay: base·2^(attempt-1) with jitter, capped.
+	// A 429 or 503 without Retry-After pauses the target for base,
+	// doubling for each such answer in a row, up to max.
 	Backoff BackoffConfig `yaml:"backoff"`
+	// GiveUpAfter bounds how long a change the remote keeps throttling
+	// (429, 503: these never use up MaxAttempts) is retried, counted from
+	// when it was staged; then it ends dead. Defaults to 24h.
+	GiveUpAfter Duration `yaml:"give_up_after"`
 	// Merge holds the field policies of the three-way merge.
 	Merge MergeConfig `yaml:"merge"`
 
@@ -362,6 +369,10 @@ func (t *TargetConfig) validate(getenv func(string) string) []keyError {
 	if t.Backoff.Max.D() < t.Backoff.Base.D() {
 		bad("backoff.max", "must be >= backoff.base")
 	}
+	defaultDuration(&t.GiveUpAfter, 24*time.Hour)
+	if t.GiveUpAfter.D() < time.Second {
+		bad("give_up_after", "must be at least 1s (it bounds how long throttled changes are retried)")
+	}
 	if t.Merge.Default == "" {
 		t.Merge.Default = PolicyOurs
 	}
@@ -412,6 +423,7 @@ func (t *TargetConfig) Settings() map[string]any {
 		"timeout":           t.Timeout.D().String(),
 		"max_attempts":      t.MaxAttempts,
 		"backoff":           map[string]string{"base": t.Backoff.Base.D().String(), "max": t.Backoff.Max.D().String()},
+		"give_up_after":     t.GiveUpAfter.D().String(),
 		"merge":             map[string]any{"default": t.Merge.Default, "fields": t.Merge.Fields},
 	}
 	if t.Auth != nil {

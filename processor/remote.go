@@ -98,12 +98,14 @@ type request struct {
 func (r *remote) do(ctx context.Context, req request) response {
 	release, err := r.gate.acquire(ctx)
 	if err != nil {
-		// The job is ending (cancelled, or its deadline comes before the
-		// gate would let this request go).
+		// The target is paused (a *pausedError), or the job is ending
+		// (cancelled, or its deadline comes before the gate would let this
+		// request go).
 		return response{notSent: true, err: err}
 	}
-	defer release()
-	return r.send(ctx, req)
+	resp := r.send(ctx, req)
+	release(resp) // the gate observes the answer: pauses, AIMD, health
+	return resp
 }
 
 // send makes the HTTP exchange of one request and describes it as an

@@ -214,7 +214,7 @@ func (p *Processor) loadRuns(ctx context.Context, conn *pgxpool.Conn, t *TargetC
 		if err != nil {
 			return nil, fmt.Errorf("change %d: %w", r.ID, err)
 		}
-		cur.changes = append(cur.changes, openChange{id: r.ID, op: r.Op, fields: fields, attempts: r.Attempts})
+		cur.changes = append(cur.changes, openChange{id: r.ID, op: r.Op, fields: fields, attempts: r.Attempts, stagedAt: r.CreatedAt})
 	}
 	return runs, nil
 }

@@ -57,7 +57,8 @@ func TestTwoProcessesNeverOverlapOnAResource(t *testing.T) {
 	h.requireAuditMatchesRemote()
 }
 
-// kill -9 mid-drain, then a restart with dispatch.rescue_after 2s: every
+// kill -9 mid-drain, then a restart (which hands the dead process's
+// running jobs back by liveness, with the default rescue_after): every
 // change ends terminal, none is left processing, and no write reaches the
 // remote twice. ETags are stored before the crash, so the writes the dead
 // process made but never recorded come back as conflicts (resources with
@@ -69,7 +70,7 @@ func TestCrashMidDrainAndRestart(t *testing.T) {
 	base := map[string]any{"seq": -1, "w0": -1, "w1": -1, "w2": -1}
 	h.seed(ids, base)
 	cfg := h.writeConfig(configYAML(
-		map[string]string{"rescue_after": "2s", "poll_interval": "1s", "shutdown_grace": "2s"},
+		map[string]string{"poll_interval": "1s", "shutdown_grace": "2s"},
 		map[string]string{"batch_size": "50", "workers": "4", "concurrency": "4", "timeout": "1s"}))
 	first := h.startRun("run-1", cfg)
 
