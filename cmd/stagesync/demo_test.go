@@ -148,7 +148,18 @@ func TestDemoDatabaseURL(t *testing.T) {
 	connect, shown, err = demoDatabaseURL("host=127.0.0.1 user=postgres dbname=postgres", "stagesync_demo")
 	require.NoError(t, err)
 	require.Equal(t, "host=127.0.0.1 user=postgres dbname=postgres dbname=stagesync_demo", connect)
-	require.Equal(t, "dbname=stagesync_demo (on the server of DATABASE_URL)", shown)
+	require.Equal(t, "host=127.0.0.1 user=postgres dbname=postgres dbname=stagesync_demo", shown)
+
+	connect, shown, err = demoDatabaseURL("host=db.example password='s3 cr\\'et' user=app", "stagesync_demo")
+	require.NoError(t, err)
+	require.Equal(t, "host=db.example password='s3 cr\\'et' user=app dbname=stagesync_demo", connect)
+	require.Equal(t, "host=db.example user=app dbname=stagesync_demo", shown, "the password is not shown")
+
+	// No DATABASE_URL and no PG* variables: libpq's defaults, as psql.
+	connect, shown, err = demoDatabaseURL("", "stagesync_demo")
+	require.NoError(t, err)
+	require.Equal(t, "dbname=stagesync_demo", connect)
+	require.Equal(t, "dbname=stagesync_demo", shown)
 
 	_, _, err = demoDatabaseURL("postgres://127.0.0.1/stagesync_demo", "stagesync_demo")
 	require.EqualError(t, err, `demo: --demo-db "stagesync_demo" is the database of --database-url; the demo drops it, so pick another name`)

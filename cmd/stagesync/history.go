@@ -81,6 +81,17 @@ func (h historyQuery) validate() error {
 // errNotFound is a lookup that found nothing; the page answers 404.
 var errNotFound = errors.New("not found")
 
+// ambiguousResourceError is a resource id several targets know, looked up
+// without a target.
+type ambiguousResourceError struct {
+	resourceID string
+	targets    []string
+}
+
+func (e *ambiguousResourceError) Error() string {
+	return fmt.Sprintf("resource %q is known to the targets %s: give --target", e.resourceID, strings.Join(e.targets, ", "))
+}
+
 // historyReport is what `history --json` prints and the history page shows.
 type historyReport struct {
 	// Target and ResourceID name the resource the history is about (for a
@@ -178,7 +189,7 @@ func loadHistory(ctx context.Context, conn interface {
 				case 1:
 					rep.Target = targets[0]
 				default:
-					return fmt.Errorf("resource %q is known to the targets %s: give --target", hq.resourceID, strings.Join(targets, ", "))
+					return &ambiguousResourceError{resourceID: hq.resourceID, targets: targets}
 				}
 			}
 			evs, err := q.HistoryResourceEvents(ctx, tx, db.HistoryResourceEventsParams{Target: rep.Target, ResourceID: rep.ResourceID})

@@ -72,7 +72,7 @@ func TestStatusJSONHasTheDatabaseFigures(t *testing.T) {
 	t.Parallel()
 	f := newStatusFixture(t)
 
-	rep, err := collectStatus(t.Context(), f.pool, f.now, 10)
+	rep, err := readStatus(t.Context(), f.pool, f.now, statusLimits{dead: 10, hot: 10})
 	require.NoError(t, err)
 	var out bytes.Buffer
 	require.NoError(t, writeStatusJSON(&out, rep))
@@ -87,6 +87,11 @@ func TestStatusJSONHasTheDatabaseFigures(t *testing.T) {
 	     "jobs_available": 0, "jobs_running": 0, "jobs_scheduled": 0}
 	  ],
 	  "totals": {"pending": 4, "processing": 2},
+	  "health": [
+	    {"target": "alpha", "paused_until": null, "pause_reason": null, "processes": []},
+	    {"target": "beta", "paused_until": null, "pause_reason": null, "processes": []}
+	  ],
+	  "processes": [],
 	  "last_hour": [
 	    {"target": "alpha", "requests": 10, "conflicts": 3, "conflict_rate": 0.3,
 	     "finished": {"applied": 4, "merged": 1, "noop": 0, "dead": 1, "rejected": 0}},
@@ -98,9 +103,23 @@ func TestStatusJSONHasTheDatabaseFigures(t *testing.T) {
 	     "last_error": %q, "finished_at": %q},
 	    {"id": %d, "target": "alpha", "resource_id": "a9", "status": "dead", "attempts": 10,
 	     "last_error": %q, "finished_at": %q}
+	  ],
+	  "hot_resources": [
+	    {"target": "alpha", "resource_id": "r1", "requests": 2, "conflicts": 2, "conflict_rate": 1, "merges": 0, "needs_review": 0,
+	     "last_conflict_at": %q, "changed_fields": []},
+	    {"target": "alpha", "resource_id": "r2", "requests": 2, "conflicts": 2, "conflict_rate": 1, "merges": 0, "needs_review": 0,
+	     "last_conflict_at": %q, "changed_fields": []},
+	    {"target": "alpha", "resource_id": "r3", "requests": 2, "conflicts": 2, "conflict_rate": 1, "merges": 0, "needs_review": 0,
+	     "last_conflict_at": %q, "changed_fields": []},
+	    {"target": "alpha", "resource_id": "r4", "requests": 2, "conflicts": 1, "conflict_rate": 0.5, "merges": 0, "needs_review": 0,
+	     "last_conflict_at": %q, "changed_fields": []},
+	    {"target": "alpha", "resource_id": "r5", "requests": 2, "conflicts": 1, "conflict_rate": 0.5, "merges": 0, "needs_review": 0,
+	     "last_conflict_at": %q, "changed_fields": []}
 	  ]
 	}`, ts(f.now), ts(f.oldestAlpha), ts(f.oldestBeta),
-		f.rejID, f.rejectedReason, ts(f.rejFinished), f.deadID, f.deadLastError, ts(f.deadFinished))
+		f.rejID, f.rejectedReason, ts(f.rejFinished), f.deadID, f.deadLastError, ts(f.deadFinished),
+		ts(f.now.Add(-10*time.Minute)), ts(f.now.Add(-10*time.Minute)), ts(f.now.Add(-10*time.Minute)),
+		ts(f.now.Add(-2*time.Hour)), ts(f.now.Add(-2*time.Hour)))
 	require.JSONEq(t, want, out.String())
 }
 
