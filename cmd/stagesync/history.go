@@ -323,21 +323,21 @@ func timeline(rep *historyReport) []timelineEntry {
 			var b strings.Builder
 			b.WriteString(e.Method + " " + e.URL)
 			if m := str("if_match"); m != "" {
-				b.WriteString("  If-Match " + m)
+				b.WriteString(" · If-Match " + m)
 			}
 			if e.StatusCode > 0 {
-				fmt.Fprintf(&b, "  → %d", e.StatusCode)
+				fmt.Fprintf(&b, " · → %d", e.StatusCode)
 			} else {
-				b.WriteString("  → no answer")
+				b.WriteString(" · → no answer")
 			}
 			if t := str("response_etag"); t != "" {
-				b.WriteString(" ETag " + t)
+				b.WriteString(" · ETag " + t)
 			}
 			var ms float64
 			if json.Unmarshal(d["duration_ms"], &ms) == nil {
-				b.WriteString("  " + formatMillis(ms))
+				b.WriteString(" · " + formatMillis(ms))
 			}
-			b.WriteString("  " + e.Outcome)
+			b.WriteString(" · " + e.Outcome)
 			te.Summary = b.String()
 			te.Error = str("error")
 			te.Outcome = requestClass(e.Outcome)
@@ -497,7 +497,7 @@ func writeHistoryText(w io.Writer, rep *historyReport) error {
 		}
 		fmt.Fprintf(&b, "  %s  %-8s%s  %s\n", e.At.Format("15:04:05.000"), e.Event, ids, oneLine(e.Summary, 400))
 		for _, d := range e.Decisions {
-			fmt.Fprintf(&b, "                          %-14s %s  %s\n", oneLine(d.Field, 60), d.Decision, oneLine(d.Detail, 300))
+			fmt.Fprintf(&b, "                          %-14s %-13s %s\n", oneLine(d.Field, 60), d.Decision, oneLine(d.Detail, 300))
 		}
 		if e.Error != "" {
 			fmt.Fprintf(&b, "                          error: %s\n", oneLine(e.Error, 300))
