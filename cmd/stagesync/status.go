@@ -32,7 +32,7 @@ func cmdStatus(ctx context.Context, args []string, getenv func(string) string, s
 	watch := fs.Bool("watch", false, "refresh until interrupted, with a progress bar and ETA for the backlog")
 	interval := fs.Duration("interval", 2*time.Second, "refresh interval of --watch")
 	untilDrained := fs.Bool("until-drained", false, "with --watch: exit 0 once work has appeared and nothing is pending or processing")
-	waitForWork := fs.Duration("wait-for-work", time.Minute, "with --until-drained: how long to wait for work to appear when there is none; then exit 1 (0: exit at once)")
+	waitForWork := fs.Duration("wait-for-work", time.Minute, "with --until-drained: how long to wait for work to appear when there is none, then exit 1; 0 exits 0 at once")
 	deadMax := fs.Int("dead", 10, "how many of the latest dead letters to show")
 	hotMax := fs.Int("hot", 10, "how many hot resources (most conflicts in the last 24 hours) to show")
 	pos, err := parseFlags(fs, args)
@@ -631,7 +631,7 @@ func watchStatus(ctx context.Context, pool *pgxpool.Pool, o watchOpts) error {
 		meter.add(now, done)
 		line := progressLine(done, done+open, meter.rate(), 40)
 		waiting := o.untilDrained && done+open == 0
-		if waiting {
+		if waiting && o.waitForWork > 0 {
 			line = fmt.Sprintf("no work yet: waiting up to %v for changes to be staged (--wait-for-work)", o.waitForWork)
 		}
 		if tty {
@@ -646,10 +646,12 @@ func watchStatus(ctx context.Context, pool *pgxpool.Pool, o watchOpts) error {
 			return fmt.Errorf("write progress: %w", err)
 		}
 		if o.untilDrained && open == 0 {
-			if !waiting {
+			switch {
+			case !waiting:
 				return nil
-			}
-			if now.Sub(start) >= o.waitForWork {
+			case o.waitForWork == 0:
+				return nil // asked not to wait: nothing is open, so it is drained
+			case now.Sub(start) >= o.waitForWork:
 				return fmt.Errorf("status: no work appeared within %v (--wait-for-work); nothing was drained", o.waitForWork)
 			}
 		}
