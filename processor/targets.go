@@ -167,7 +167,7 @@ type probeAnswer struct {
 	header http.Header
 	body   []byte
 	reason string
-	took   time.Duration
+	took   string // like 12.3ms
 	err    error
 }
 
@@ -197,7 +197,7 @@ func (p prober) get(ctx context.Context, u string) probeAnswer {
 	if err != nil {
 		return probeAnswer{err: p.redact(fmt.Errorf("read response body: %w", scrubURLError(err)))}
 	}
-	a := probeAnswer{status: resp.StatusCode, header: resp.Header, body: body, took: time.Since(start).Round(time.Millisecond)}
+	a := probeAnswer{status: resp.StatusCode, header: resp.Header, body: body, took: fmt.Sprintf("%.1fms", float64(time.Since(start).Microseconds())/1000)}
 	a.reason = p.redact(fmt.Errorf("%s", remoteReason(body, resp.Status))).Error()
 	return a
 }

@@ -62,6 +62,7 @@ func check(ctx context.Context, o checkOpts) error {
 	src := resolveDatabase(o.dbURL, cfg.DatabaseURL, o.getenv)
 	registered := map[string]db.TargetsRegisteredRow{}
 	ids := map[string]string{}
+	schemaOK := false
 	pool, err := db.NewPool(ctx, src.url, 2)
 	switch {
 	case err != nil:
@@ -81,6 +82,7 @@ func check(ctx context.Context, o checkOpts) error {
 			add("", "database", processor.ProbeFailed, fmt.Sprintf("read registered targets: %v", err))
 			break
 		}
+		schemaOK = true
 		for _, r := range regs {
 			registered[r.Name] = r
 		}
@@ -93,7 +95,7 @@ func check(ctx context.Context, o checkOpts) error {
 
 	for _, name := range cfg.TargetNames() {
 		t := cfg.Targets[name]
-		if pool != nil {
+		if schemaOK {
 			r, ok := registered[name]
 			switch {
 			case !ok:
