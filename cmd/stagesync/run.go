@@ -82,6 +82,9 @@ type serveOpts struct {
 	// pageLoader, if set, receives the status page's loader (tests count
 	// its loads).
 	pageLoader chan<- *pageLoader
+	// historyPages, if set, receives the history pages' handler (tests
+	// read how many lookups ran at once).
+	historyPages chan<- *historyPages
 }
 
 // httpIdleTimeout closes idle keep-alive connections to the listener, so
@@ -155,7 +158,11 @@ func serve(ctx context.Context, o serveOpts) error {
 		o.pageLoader <- loader
 	}
 	mux.Handle("GET /{$}", statusPageHandler(loader))
-	mux.Handle("GET /history", historyHandler(pool, o.logger))
+	history := newHistoryPages(pool, o.logger)
+	if o.historyPages != nil {
+		o.historyPages <- history
+	}
+	mux.Handle("GET /history", history)
 
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {

@@ -727,32 +727,50 @@ type historyPage struct {
 
 type historyMatch struct{ Target, ResourceID string }
 
-// historyHandler serves /history: ?change=N, ?target=T&resource=ID, or the
+// historyPages serves /history: ?change=N, ?target=T&resource=ID, or the
 // search form's ?q=… (a change id, or a resource id in any or one target).
-// At most historyRenders lookups run at once; the rest wait their turn or
-// give up with the request.
-func historyHandler(pool *pgxpool.Pool, logger *slog.Logger) http.HandlerFunc {
-	sem := make(chan struct{}, historyRenders)
-	return func(w http.ResponseWriter, r *http.Request) {
-		select {
-		case sem <- struct{}{}:
-			defer func() { <-sem }()
-		case <-r.Context().Done():
-			return
-		}
-		ctx, cancel := context.WithTimeout(r.Context(), pageQueryTimeout)
-		defer cancel()
-		page, code := buildHistoryPage(ctx, pool, r, logger)
-		var buf bytes.Buffer
-		if err := pageTmpl.ExecuteTemplate(&buf, "historypage", page); err != nil {
-			logger.ErrorContext(ctx, "history page: render failed", "error", err)
-			http.Error(w, "history page: render failed", http.StatusInternalServerError)
-			return
-		}
-		setPageHeaders(w)
-		w.WriteHeader(code)
-		_, _ = buf.WriteTo(w)
+// At most historyRenders lookups run at once; the rest wait their turn (or
+// give up with their request), so a crowd of viewers can't take the
+// database's connections from the processor.
+type historyPages struct {
+	pool   *pgxpool.Pool
+	logger *slog.Logger
+	sem    chan struct{}
+	// active and maxActive count lookups running, for tests.
+	active, maxActive atomic.Int32
+}
+
+func newHistoryPages(pool *pgxpool.Pool, logger *slog.Logger) *historyPages {
+	return &historyPages{pool: pool, logger: logger, sem: make(chan struct{}, historyRenders)}
+}
+
+func (h *historyPages) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	select {
+	case h.sem <- struct{}{}:
+		defer func() { <-h.sem }()
+	case <-r.Context().Done():
+		return
 	}
+	n := h.active.Add(1)
+	defer h.active.Add(-1)
+	for {
+		m := h.maxActive.Load()
+		if n <= m || h.maxActive.CompareAndSwap(m, n) {
+			break
+		}
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), pageQueryTimeout)
+	defer cancel()
+	page, code := buildHistoryPage(ctx, h.pool, r, h.logger)
+	var buf bytes.Buffer
+	if err := pageTmpl.ExecuteTemplate(&buf, "historypage", page); err != nil {
+		h.logger.ErrorContext(ctx, "history page: render failed", "error", err)
+		http.Error(w, "history page: render failed", http.StatusInternalServerError)
+		return
+	}
+	setPageHeaders(w)
+	w.WriteHeader(code)
+	_, _ = buf.WriteTo(w)
 }
 
 func buildHistoryPage(ctx context.Context, pool *pgxpool.Pool, r *http.Request, logger *slog.Logger) (*historyPage, int) {
