@@ -142,7 +142,7 @@ func serve(ctx context.Context, o serveOpts) error {
 			fmt.Fprintln(w, "database unreachable")
 		case !current:
 			w.WriteHeader(http.StatusServiceUnavailable)
-			fmt.Fprintln(w, "migrations pending: run stagesync migrate up")
+			fmt.Fprintf(w, "migrations pending: run `%s migrate up`\n", self)
 		default:
 			fmt.Fprintln(w, "ready")
 		}

@@ -606,7 +606,7 @@ func watchStatus(ctx context.Context, pool *pgxpool.Pool, o watchOpts) error {
 				if b, err = q.WatchBaseline(ctx, tx); err != nil {
 					return fmt.Errorf("read where the watch starts: %w", err)
 				}
-				if bDone, err = q.WatchFinishedCount(ctx, tx, db.WatchFinishedCountParams{LowID: b.LowID, Since: b.Since}); err != nil {
+				if bDone, err = q.WatchFinishedCount(ctx, tx, db.WatchFinishedCountParams(b)); err != nil {
 					return fmt.Errorf("count finished changes: %w", err)
 				}
 			}
@@ -614,7 +614,7 @@ func watchStatus(ctx context.Context, pool *pgxpool.Pool, o watchOpts) error {
 			if rep, err = collectStatus(ctx, tx, now, o.limits); err != nil {
 				return err
 			}
-			if finished, err = q.WatchFinishedCount(ctx, tx, db.WatchFinishedCountParams{LowID: b.LowID, Since: b.Since}); err != nil {
+			if finished, err = q.WatchFinishedCount(ctx, tx, db.WatchFinishedCountParams(b)); err != nil {
 				return fmt.Errorf("count finished changes: %w", err)
 			}
 			base, baseDone, started = b, bDone, true

@@ -73,7 +73,13 @@ const (
 // health of the target it serves, and a pause.
 func pageFixture(t *testing.T, pool *pgxpool.Pool) (deadID, rejID, hostileDeadID int64) {
 	t.Helper()
+	// Everything within seconds of now, in one hour bucket: a test that
+	// starts in an hour's first seconds waits for them to pass.
 	now := time.Now()
+	if into := now.Sub(now.Truncate(time.Hour)); into < 5*time.Second {
+		time.Sleep(5*time.Second - into)
+		now = time.Now()
+	}
 	insertTarget(t, pool, "erp")
 	for range 7 {
 		insertFixture(t, pool, fixture{target: "erp", resourceID: "p", status: "pending", createdAt: now.Add(-3 * time.Hour)})
@@ -83,17 +89,17 @@ func pageFixture(t *testing.T, pool *pgxpool.Pool) (deadID, rejID, hostileDeadID
 	}
 	const deadErr = "gave up after 10 attempts: PATCH https://erp.example/items/x-9: 503 service unavailable"
 	const rejErr = "PATCH https://erp.example/items/x-10: 422 field status: value INVALID is not allowed"
-	deadID = insertFixture(t, pool, fixture{target: "erp", resourceID: "x-9", status: "dead", attempts: 10, lastError: deadErr, finishedAt: now.Add(-time.Minute)})
-	rejID = insertFixture(t, pool, fixture{target: "erp", resourceID: "x-10", status: "rejected", attempts: 1, lastError: rejErr, finishedAt: now.Add(-2 * time.Minute)})
-	hostileDeadID = insertFixture(t, pool, fixture{target: "erp", resourceID: hostileID, status: "rejected", attempts: 1, lastError: hostileError, finishedAt: now.Add(-3 * time.Minute)})
+	deadID = insertFixture(t, pool, fixture{target: "erp", resourceID: "x-9", status: "dead", attempts: 10, lastError: deadErr, finishedAt: now.Add(-time.Second)})
+	rejID = insertFixture(t, pool, fixture{target: "erp", resourceID: "x-10", status: "rejected", attempts: 1, lastError: rejErr, finishedAt: now.Add(-2 * time.Second)})
+	hostileDeadID = insertFixture(t, pool, fixture{target: "erp", resourceID: hostileID, status: "rejected", attempts: 1, lastError: hostileError, finishedAt: now.Add(-3 * time.Second)})
 	// The hostile change was sent once, so its resource has a history.
-	execSQL(t, pool, `INSERT INTO stagesync.attempts (target, resource_id, change_ids, method, url, status_code, duration_ms, outcome, error)
-		VALUES ('erp', $1, ARRAY[$2::bigint], 'PATCH', 'https://erp.example/items/x', 422, 9, 'fatal', $3)`, hostileID, hostileDeadID, hostileError)
+	execSQL(t, pool, `INSERT INTO stagesync.attempts (target, resource_id, change_ids, method, url, status_code, duration_ms, outcome, error, created_at)
+		VALUES ('erp', $1, ARRAY[$2::bigint], 'PATCH', 'https://erp.example/items/x', 422, 9, 'fatal', $3, $4)`, hostileID, hostileDeadID, hostileError, now)
 	insertAttempts(t, pool, "erp", 8, 2, now)
 	// A hot resource: three conflicts, two merges (one needs review).
 	execSQL(t, pool, `INSERT INTO stagesync.attempts (target, resource_id, method, url, status_code, duration_ms, outcome, created_at)
-		SELECT 'erp', 'acct-hot', 'PATCH', 'https://erp.example/items/acct-hot', 412, 20, 'conflict', now() - (i || ' minutes')::interval
-		FROM generate_series(1, 3) i`)
+		SELECT 'erp', 'acct-hot', 'PATCH', 'https://erp.example/items/acct-hot', 412, 20, 'conflict', $1
+		FROM generate_series(1, 3) i`, now) // one hour bucket, whenever the test runs
 	execSQL(t, pool, `INSERT INTO stagesync.merges (target, resource_id, change_ids, base, ours, theirs, result, decisions, outcome) VALUES
 		('erp', 'acct-hot', '{1}', '{"owner": "a", "status": "x"}', '{"owner": "b", "status": "y"}', '{"owner": "c", "status": "x"}', '{"status": "y"}',
 		 '{"owner": "kept_theirs", "status": "took_ours"}', 'merged'),
