@@ -101,8 +101,8 @@ func check(ctx context.Context, o checkOpts) error {
 			case !ok:
 				add(name, "registered", processor.ProbeFailed, fmt.Sprintf("not in stagesync.targets: the upstream's inserts fail until `%s targets sync --config %s` (or run) registers it", self, shellQuote(o.configPath)))
 			case r.BaseURL != t.BaseURL || r.ItemPath != t.ItemPath || r.UpdateMethod != t.UpdateMethod:
-				add(name, "registered", processor.ProbeWarning, fmt.Sprintf("registered as %s %s%s; the config says %s %s%s: `%s targets sync` updates it",
-					r.UpdateMethod, r.BaseURL, r.ItemPath, t.UpdateMethod, t.BaseURL, t.ItemPath, self))
+				add(name, "registered", processor.ProbeWarning, fmt.Sprintf("registered as %s %s%s; the config says %s %s%s: `%s targets sync --config %s` updates it",
+					r.UpdateMethod, r.BaseURL, r.ItemPath, t.UpdateMethod, t.BaseURL, t.ItemPath, self, shellQuote(o.configPath)))
 			default:
 				add(name, "registered", processor.ProbeOK, t.UpdateMethod+" "+t.BaseURL+t.ItemPath)
 			}

@@ -114,7 +114,7 @@ func TestCheckProbesEachTargetWithoutWriting(t *testing.T) {
 		require.EqualError(t, err, "check: 1 of 7 checks failed")
 		rows := checkRows(t, out.String())
 		require.Equal(t, "FAILED GET "+noETag.URL+"/assignments/a-1 answered 200 without an ETag header; stagesync needs one to write safely", rows["territory item GET"])
-		require.Regexp(t, `^warning registered as PATCH .*; the config says PATCH .*: `+"`stagesync targets sync` updates it$", rows["territory registered"])
+		require.Regexp(t, `^warning registered as PATCH .*; the config says PATCH .*: `+"`stagesync targets sync --config [^`]+` updates it$", rows["territory registered"])
 	})
 	t.Run("wrong item path", func(t *testing.T) {
 		t.Parallel()

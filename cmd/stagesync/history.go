@@ -493,9 +493,9 @@ func writeHistoryText(w io.Writer, rep *historyReport) error {
 		}
 		ids := ""
 		if rep.ChangeID == 0 || len(e.ChangeIDs) > 1 {
-			ids = " " + formatIDs(e.ChangeIDs)
+			ids = formatIDs(e.ChangeIDs) + "  "
 		}
-		fmt.Fprintf(&b, "  %s  %-8s%s  %s\n", e.At.Format("15:04:05.000"), e.Event, ids, oneLine(e.Summary, 400))
+		fmt.Fprintf(&b, "  %s  %-8s  %s%s\n", e.At.Format("15:04:05.000"), e.Event, ids, oneLine(e.Summary, 400))
 		for _, d := range e.Decisions {
 			fmt.Fprintf(&b, "                          %-14s %-13s %s\n", oneLine(d.Field, 60), d.Decision, oneLine(d.Detail, 300))
 		}

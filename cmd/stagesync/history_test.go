@@ -107,7 +107,7 @@ func TestHistoryOfAChangeShowsEveryRequestAndTheMerge(t *testing.T) {
 	out.Reset()
 	require.NoError(t, run(t.Context(), []string{"history", "--target", "territory", "--resource", "acct-7", "--database-url", dbURL}, getenv, &out))
 	require.Contains(t, out.String(), "RESOURCE territory/acct-7: 2 change(s)\n")
-	require.Contains(t, out.String(), fmt.Sprintf("  request  #%d  PATCH ", first))
+	require.Contains(t, out.String(), fmt.Sprintf("  request   #%d  PATCH ", first))
 }
 
 // resource_history finds a resource's changes through its requests,
