@@ -61,6 +61,7 @@ func checkNode(n *yaml.Node, t reflect.Type, path string, errs *[]error) {
 			return
 		}
 		fields := yamlFields(t)
+		seen := map[string]int{}
 		for i := 0; i+1 < len(n.Content); i += 2 {
 			k, v := n.Content[i], n.Content[i+1]
 			if k.Value == "<<" { // a merge key: its mapping holds keys of this struct
@@ -68,6 +69,11 @@ func checkNode(n *yaml.Node, t reflect.Type, path string, errs *[]error) {
 				continue
 			}
 			kp := joinPath(path, k.Value)
+			if first, dup := seen[k.Value]; dup {
+				*errs = append(*errs, fmt.Errorf("line %d: %s: given twice (first on line %d)", k.Line, kp, first))
+				continue
+			}
+			seen[k.Value] = k.Line
 			ft, ok := fields[k.Value]
 			if !ok {
 				*errs = append(*errs, fmt.Errorf("line %d: %s: unknown key%s", k.Line, kp, suggestKey(k.Value, fields)))
@@ -80,8 +86,15 @@ func checkNode(n *yaml.Node, t reflect.Type, path string, errs *[]error) {
 			bad(n, "must be a mapping (name: value), got %s", describeNode(n))
 			return
 		}
+		seen := map[string]int{}
 		for i := 0; i+1 < len(n.Content); i += 2 {
-			checkNode(n.Content[i+1], t.Elem(), joinPath(path, n.Content[i].Value), errs)
+			k := n.Content[i]
+			if first, dup := seen[k.Value]; dup {
+				*errs = append(*errs, fmt.Errorf("line %d: %s: given twice (first on line %d)", k.Line, joinPath(path, k.Value), first))
+				continue
+			}
+			seen[k.Value] = k.Line
+			checkNode(n.Content[i+1], t.Elem(), joinPath(path, k.Value), errs)
 		}
 	case reflect.Slice:
 		if n.Kind != yaml.SequenceNode {
@@ -235,6 +248,10 @@ func decodeError(err error) error {
 	}
 	var errs []error
 	for _, e := range te.Errors {
+		if !strings.Contains(e, "unmarshal") {
+			errs = append(errs, errors.New(e)) // yaml's own words, no Go type in them
+			continue
+		}
 		if m := typeErrorLine.FindStringSubmatch(e); m != nil {
 			errs = append(errs, fmt.Errorf("line %s: a value of the wrong kind", m[1]))
 		} else {

@@ -70,6 +70,21 @@ targets:
     item_path: /a/{id}
     conflict_statuses: [409, x]
 `, `line 6: targets.t.conflict_statuses[1]: must be a whole number, got "x"`},
+		{"a key given twice", `
+targets:
+  t:
+    base_url: http://x.test
+    item_path: /a/{id}
+    workers: 2
+    workers: 3
+`, "line 7: targets.t.workers: given twice (first on line 6)"},
+		{"a target given twice", `
+targets:
+  t:
+    base_url: http://x.test
+  t:
+    base_url: http://y.test
+`, "line 5: targets.t: given twice (first on line 3)"},
 		{"a syntax error", "targets:\n  t:\n    base_url: [\n", "line 3: did not find expected node content"},
 		{"a validation error gets its line", `
 targets:
