@@ -108,6 +108,10 @@ type Resource struct {
 	InDoubt       []byte     `json:"in_doubt"`
 }
 
+type StagesyncHotResource struct {
+	HotResourcesSince interface{} `json:"hot_resources_since"`
+}
+
 type StagesyncProcess struct {
 	ClientID    string    `json:"client_id"`
 	LockKey     int64     `json:"lock_key"`

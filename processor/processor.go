@@ -6,7 +6,6 @@ package processor
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -159,20 +158,7 @@ func NewHTTPClient() *http.Client {
 // RegisterTargets writes the configured targets to stagesync.targets so
 // that the upstream's inserts can reference them.
 func (p *Processor) RegisterTargets(ctx context.Context) error {
-	for _, name := range p.cfg.TargetNames() {
-		t := p.cfg.Targets[name]
-		settings, err := json.Marshal(t.Settings())
-		if err != nil {
-			return fmt.Errorf("encode settings of target %q: %w", name, err)
-		}
-		err = p.q.TargetUpsert(ctx, p.pool, db.TargetUpsertParams{
-			Name: name, BaseURL: t.BaseURL, ItemPath: t.ItemPath, UpdateMethod: t.UpdateMethod, Settings: settings,
-		})
-		if err != nil {
-			return fmt.Errorf("register target %q: %w", name, err)
-		}
-	}
-	return nil
+	return RegisterTargets(ctx, p.pool, p.cfg)
 }
 
 // ClientID is this process's River client ID, also its

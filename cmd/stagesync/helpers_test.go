@@ -165,16 +165,18 @@ type server struct {
 
 // startServe runs serve in the background and returns once it serves HTTP
 // and its targets are registered; stop (or the test's end) stops it and
-// waits for it.
-func startServe(t *testing.T, dbURL string, pool *pgxpool.Pool, cfg *processor.Config) *server {
+// waits for it. opts adjust the serveOpts.
+func startServe(t *testing.T, dbURL string, pool *pgxpool.Pool, cfg *processor.Config, opts ...func(*serveOpts)) *server {
 	t.Helper()
 	ctx, cancel := context.WithCancel(t.Context())
 	ready := make(chan string, 1)
 	s := &server{cancel: cancel, done: make(chan error, 1), logs: &lockedBuffer{}}
 	logger := slog.New(slog.NewTextHandler(io.MultiWriter(t.Output(), s.logs), &slog.HandlerOptions{Level: slog.LevelInfo}))
-	go func() {
-		s.done <- serve(ctx, serveOpts{cfg: cfg, databaseURL: dbURL, logger: logger, stdout: io.Discard, ready: ready, sampleEvery: 50 * time.Millisecond})
-	}()
+	o := serveOpts{cfg: cfg, databaseURL: dbURL, logger: logger, stdout: io.Discard, ready: ready, sampleEvery: 50 * time.Millisecond}
+	for _, f := range opts {
+		f(&o)
+	}
+	go func() { s.done <- serve(ctx, o) }()
 	select {
 	case s.addr = <-ready:
 	case err := <-s.done:
