@@ -46,6 +46,8 @@ type Processor struct {
 	remotes map[string]*remote
 	client  *river.Client[pgx.Tx]
 	waker   *waker
+	// started is closed once Run has everything running.
+	started chan struct{}
 	// wake carries claim requests (listener, finished jobs) to the
 	// claimer; its buffer of one coalesces them.
 	wake chan struct{}
@@ -69,6 +71,7 @@ func New(cfg *Config, opts Options) (*Processor, error) {
 	p := &Processor{cfg: cfg, pool: opts.Pool, logger: opts.Logger, metrics: opts.Metrics, q: db.New(), remotes: map[string]*remote{}}
 	p.waker = newWaker(opts.Logger)
 	p.wake = make(chan struct{}, 1)
+	p.started = make(chan struct{})
 	p.pauses = newPauseShare()
 	p.pausesNow = make(chan struct{}, 1)
 	p.sharesNow = make(chan struct{}, 1)
@@ -165,6 +168,10 @@ func (p *Processor) RegisterTargets(ctx context.Context) error {
 // stagesync.processes row and target_health rows.
 func (p *Processor) ClientID() string { return p.live.clientID }
 
+// Started is closed once Run has River, the listener and the claimer
+// running: until then the process is not ready for work (/readyz says so).
+func (p *Processor) Started() <-chan struct{} { return p.started }
+
 // Run registers the targets and this process (its liveness lock), starts
 // River, the listener, the claimer and the coordination loop, and works
 // until ctx ends. Then it stops fetching jobs, lets running jobs finish
@@ -209,6 +216,7 @@ func (p *Processor) Run(ctx context.Context) error {
 	wg.Go(func() { p.listen(ctx) })
 	wg.Go(func() { p.claimLoop(ctx) })
 	p.logger.InfoContext(ctx, "processor started", "targets", p.cfg.TargetNames(), "client_id", p.live.clientID)
+	close(p.started)
 
 	<-ctx.Done()
 	wg.Wait()

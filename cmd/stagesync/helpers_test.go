@@ -163,8 +163,8 @@ type server struct {
 	err  error
 }
 
-// startServe runs serve in the background and returns once it serves HTTP
-// and its targets are registered; stop (or the test's end) stops it and
+// startServe runs serve in the background and returns once it serves HTTP,
+// its targets are registered and its processor has started; stop (or the test's end) stops it and
 // waits for it. opts adjust the serveOpts.
 func startServe(t *testing.T, dbURL string, pool *pgxpool.Pool, cfg *processor.Config, opts ...func(*serveOpts)) *server {
 	t.Helper()
@@ -186,6 +186,10 @@ func startServe(t *testing.T, dbURL string, pool *pgxpool.Pool, cfg *processor.C
 	t.Cleanup(func() { _ = s.stop() })
 	waitFor(t, 30*time.Second, "the targets to be registered", func() bool {
 		return countWhere(t, pool, `SELECT count(*) FROM stagesync.targets WHERE name = ANY ($1)`, cfg.TargetNames()) == int64(len(cfg.Targets))
+	})
+	waitFor(t, 30*time.Second, "the processor to start", func() bool {
+		_, body := s.get(t, "/readyz")
+		return body != "starting\n"
 	})
 	return s
 }

@@ -131,22 +131,7 @@ func serve(ctx context.Context, o serveOpts) error {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		fmt.Fprintln(w, "ok")
 	})
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		rctx, cancel := context.WithTimeout(r.Context(), 3*time.Second)
-		defer cancel()
-		current, err := db.MigrationsCurrent(rctx, pool)
-		switch {
-		case err != nil:
-			w.WriteHeader(http.StatusServiceUnavailable)
-			fmt.Fprintln(w, "database unreachable")
-		case !current:
-			w.WriteHeader(http.StatusServiceUnavailable)
-			fmt.Fprintf(w, "migrations pending: run `%s migrate up`\n", self)
-		default:
-			fmt.Fprintln(w, "ready")
-		}
-	})
+	mux.Handle("GET /readyz", readyzHandler(pool, p.Started()))
 
 	hist := newBacklogHistory(historySize)
 	alerts := map[string]float64{}
@@ -202,6 +187,34 @@ func serve(ctx context.Context, o serveOpts) error {
 		return fmt.Errorf("http server: %w", err)
 	}
 	return errors.Join(runErr, shutErr)
+}
+
+// readyzHandler answers 200 once the processor has started and the
+// database answers with every migration applied, else 503 with the reason.
+func readyzHandler(pool *pgxpool.Pool, started <-chan struct{}) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		rctx, cancel := context.WithTimeout(r.Context(), 3*time.Second)
+		defer cancel()
+		select {
+		case <-started:
+		default:
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintln(w, "starting")
+			return
+		}
+		current, err := db.MigrationsCurrent(rctx, pool)
+		switch {
+		case err != nil:
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintln(w, "database unreachable")
+		case !current:
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintf(w, "migrations pending: run `%s migrate up`\n", self)
+		default:
+			fmt.Fprintln(w, "ready")
+		}
+	})
 }
 
 func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
