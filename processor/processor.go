@@ -33,6 +33,13 @@ type Options struct {
 	Metrics *Metrics
 	// HTTPClient, if nil, is a keep-alive client shared by all targets.
 	HTTPClient *http.Client
+	// MonitorEvery is how often the targets' conflict rates over their
+	// alert windows are read (stagesync_conflict_ratio, the alert's log
+	// lines). Defaults to 10s.
+	MonitorEvery time.Duration
+	// ProgressEvery is how often a progress line per target is logged
+	// while there is work. Defaults to 30s.
+	ProgressEvery time.Duration
 }
 
 // Processor is one stagesync process's share of the work: a River client
@@ -60,6 +67,8 @@ type Processor struct {
 	// notification said they changed. Buffers of one coalesce them.
 	pausesNow chan struct{}
 	sharesNow chan struct{}
+	// mon is the monitor loop's state (monitor.go).
+	mon *monitor
 }
 
 // New validates the options and builds the River client. Nothing runs
@@ -75,6 +84,7 @@ func New(cfg *Config, opts Options) (*Processor, error) {
 	p.pauses = newPauseShare()
 	p.pausesNow = make(chan struct{}, 1)
 	p.sharesNow = make(chan struct{}, 1)
+	p.mon = newMonitor(opts)
 	if p.metrics == nil {
 		p.metrics = NewMetrics(nil)
 	}
@@ -198,6 +208,7 @@ func (p *Processor) Run(ctx context.Context) error {
 	bgWG.Go(func() { p.live.hold(bg) })
 	bgWG.Go(func() { p.publishPauses(bg) })
 	bgWG.Go(func() { p.coordinate(bg) })
+	bgWG.Go(func() { p.runMonitor(bg) })
 	stopCoordination := func() {
 		stopBg()
 		bgWG.Wait()
