@@ -114,7 +114,10 @@ type statusReport struct {
 	Health       []targetHealth  `json:"health"`
 	Processes    []processRow    `json:"processes"`
 	LastHour     []lastHourRow   `json:"last_hour"`
-	HotResources []hotResource   `json:"hot_resources"`
+	// ConflictAlerts are the targets' conflict rates over their alert
+	// windows, the figures of stagesync_conflict_ratio.
+	ConflictAlerts []conflictAlertRow `json:"conflict_alerts"`
+	HotResources    []hotResource   `json:"hot_resources"`
 	DeadLetters  []deadLetterRow `json:"dead_letters"`
 }
 
@@ -155,6 +158,53 @@ type processRow struct {
 	Targets     []string  `json:"targets"`
 	StartedAt   time.Time `json:"started_at"`
 	HeartbeatAt time.Time `json:"heartbeat_at"`
+}
+
+// conflictAlertRow is one target's conflict rate over its alert window
+// (alert.window) against its threshold (alert.conflict_rate).
+type conflictAlertRow struct {
+	Target string `json:"target"`
+	// ConflictRate is Conflicts over Requests (0 without requests).
+	ConflictRate  float64 `json:"conflict_rate"`
+	Threshold     float64 `json:"threshold"`
+	WindowSeconds float64 `json:"window_seconds"`
+	Requests      int64   `json:"requests"`
+	Conflicts     int64   `json:"conflicts"`
+	// MinRequests is how many requests the window must hold before the
+	// rate counts as above the threshold.
+	MinRequests int64 `json:"min_requests"`
+	// Above is set when the target is above its alert; Summary says it in
+	// words ("conflict rate 7.2% over the last 15m, above the 5% alert").
+	Above   bool   `json:"above"`
+	Summary string `json:"summary"`
+}
+
+func conflictAlertRowOf(a processor.ConflictAlert) conflictAlertRow {
+	r := conflictAlertRow{Target: a.Target, ConflictRate: math.Round(a.Ratio()*10000) / 10000, Threshold: a.Threshold,
+		WindowSeconds: a.Window.Seconds(), Requests: a.Requests, Conflicts: a.Conflicts,
+		MinRequests: processor.ConflictAlertMinRequests, Above: a.Over()}
+	r.Summary = fmt.Sprintf("conflict rate %s over the last %s", formatPercent(a.Ratio()), formatWindow(a.Window))
+	switch {
+	case r.Above:
+		r.Summary += fmt.Sprintf(", above the %s alert", formatTickPercent(a.Threshold))
+	case a.Requests < processor.ConflictAlertMinRequests:
+		r.Summary += fmt.Sprintf("; too few requests (%d of %d) to judge it against the %s alert", a.Requests, processor.ConflictAlertMinRequests, formatTickPercent(a.Threshold))
+	default:
+		r.Summary += fmt.Sprintf(", under the %s alert", formatTickPercent(a.Threshold))
+	}
+	return r
+}
+
+// formatWindow renders an alert window without zero units: 15m, 1h, 1h30m.
+func formatWindow(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = strings.TrimSuffix(s, "0s")
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = strings.TrimSuffix(s, "0m")
+	}
+	return s
 }
 
 // hotResource is one row of stagesync.hot_resources (the last 24 hours).
@@ -224,7 +274,7 @@ type deadLetterRow struct {
 func collectStatus(ctx context.Context, tx pgx.Tx, now time.Time, limits statusLimits) (*statusReport, error) {
 	q := db.New()
 	rep := &statusReport{GeneratedAt: now.UTC(), Backlog: []backlogRow{}, Health: []targetHealth{}, Processes: []processRow{},
-		LastHour: []lastHourRow{}, HotResources: []hotResource{}, DeadLetters: []deadLetterRow{}}
+		LastHour: []lastHourRow{}, ConflictAlerts: []conflictAlertRow{}, HotResources: []hotResource{}, DeadLetters: []deadLetterRow{}}
 
 	backlog, err := q.StatusBacklog(ctx, tx)
 	if err != nil {
@@ -289,6 +339,14 @@ func collectStatus(ctx context.Context, tx pgx.Tx, now time.Time, limits statusL
 			r.ConflictRate = math.Round(float64(r.Conflicts)/float64(r.Requests)*10000) / 10000
 		}
 		rep.LastHour = append(rep.LastHour, *r)
+	}
+
+	alerts, err := processor.ReadConflictAlerts(ctx, tx)
+	if err != nil {
+		return nil, err
+	}
+	for _, a := range alerts {
+		rep.ConflictAlerts = append(rep.ConflictAlerts, conflictAlertRowOf(a))
 	}
 
 	if err := collectHealth(ctx, q, tx, now, rep); err != nil {
@@ -428,6 +486,10 @@ func writeStatusText(w io.Writer, rep *statusReport) error {
 			h.Finished["applied"], h.Finished["merged"], h.Finished["noop"], h.Finished["dead"], h.Finished["rejected"])
 	}
 
+	if err := writeAlertsText(w, rep); err != nil {
+		return err
+	}
+
 	fmt.Fprintf(w, "\nIN FLIGHT: %d changes processing", rep.Totals.Processing)
 	var running, queued, scheduled int64
 	for _, b := range rep.Backlog {
@@ -536,6 +598,27 @@ func writeHealthText(w io.Writer, rep *statusReport) error {
 	}
 	_, err := fmt.Fprintln(w)
 	return err
+}
+
+// writeAlertsText prints each target's conflict rate over its alert window,
+// marking the targets above their alert.
+func writeAlertsText(w io.Writer, rep *statusReport) error {
+	if len(rep.ConflictAlerts) == 0 {
+		return nil
+	}
+	fmt.Fprintf(w, "\nCONFLICT ALERT (alert.conflict_rate over alert.window; judged from %d requests)\n", processor.ConflictAlertMinRequests)
+	tab := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	for _, a := range rep.ConflictAlerts {
+		state := "ok"
+		if a.Above {
+			state = "ABOVE"
+		}
+		fmt.Fprintf(tab, "%s\t%s\t%s (%d conflicts in %d requests)\n", a.Target, state, a.Summary, a.Conflicts, a.Requests)
+	}
+	if err := tab.Flush(); err != nil {
+		return fmt.Errorf("write status: %w", err)
+	}
+	return nil
 }
 
 func processName(host string, pid int32) string {

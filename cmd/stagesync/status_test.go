@@ -103,6 +103,14 @@ func TestStatusJSONHasTheDatabaseFigures(t *testing.T) {
 	    {"target": "beta", "requests": 1, "conflicts": 0, "conflict_rate": 0,
 	     "finished": {"applied": 0, "merged": 0, "noop": 0, "dead": 0, "rejected": 1}}
 	  ],
+	  "conflict_alerts": [
+	    {"target": "alpha", "conflict_rate": 0.3, "threshold": 0.05, "window_seconds": 900, "requests": 10, "conflicts": 3,
+	     "min_requests": 20, "above": false,
+	     "summary": "conflict rate 30.0%% over the last 15m; too few requests (10 of 20) to judge it against the 5%% alert"},
+	    {"target": "beta", "conflict_rate": 0, "threshold": 0.05, "window_seconds": 900, "requests": 1, "conflicts": 0,
+	     "min_requests": 20, "above": false,
+	     "summary": "conflict rate 0.0%% over the last 15m; too few requests (1 of 20) to judge it against the 5%% alert"}
+	  ],
 	  "dead_letters": [
 	    {"id": %d, "target": "beta", "resource_id": "b2", "status": "rejected", "attempts": 1,
 	     "last_error": %q, "finished_at": %q},
@@ -126,6 +134,31 @@ func TestStatusJSONHasTheDatabaseFigures(t *testing.T) {
 		ts(f.now.Add(-10*time.Minute)), ts(f.now.Add(-10*time.Minute)), ts(f.now.Add(-10*time.Minute)),
 		ts(f.now.Add(-2*time.Hour)), ts(f.now.Add(-2*time.Hour)))
 	require.JSONEq(t, want, out.String())
+}
+
+func TestStatusMarksATargetAboveItsConflictAlert(t *testing.T) {
+	t.Parallel()
+	f := newStatusFixture(t)
+	execSQL(t, f.pool, `INSERT INTO stagesync.targets (name, base_url, item_path, settings)
+		VALUES ('gamma', 'http://127.0.0.1:1', '/items/{id}', '{"alert": {"conflict_rate": 0.1, "window": "1h0m0s"}}')`)
+	insertAttempts(t, f.pool, "gamma", 50, 6, time.Now().Add(-30*time.Minute)) // 12% over the 1h window
+	insertAttempts(t, f.pool, "gamma", 50, 50, time.Now().Add(-2*time.Hour))   // outside it
+	getenv := func(string) string { return "" }
+
+	var out bytes.Buffer
+	require.NoError(t, run(t.Context(), []string{"status", "--json", "--database-url", f.url}, getenv, &out))
+	var rep statusReport
+	require.NoError(t, json.Unmarshal(out.Bytes(), &rep))
+	require.Len(t, rep.ConflictAlerts, 3)
+	require.Equal(t, conflictAlertRow{Target: "gamma", ConflictRate: 0.12, Threshold: 0.1, WindowSeconds: 3600, Requests: 50, Conflicts: 6,
+		MinRequests: 20, Above: true, Summary: "conflict rate 12.0% over the last 1h, above the 10% alert"}, rep.ConflictAlerts[2])
+	require.False(t, rep.ConflictAlerts[0].Above, "alpha (30%% of 10 requests) above: got true; want false (too few requests)")
+
+	out.Reset()
+	require.NoError(t, run(t.Context(), []string{"status", "--database-url", f.url}, getenv, &out))
+	text := out.String()
+	require.Regexp(t, `(?m)^gamma +ABOVE +conflict rate 12\.0% over the last 1h, above the 10% alert \(6 conflicts in 50 requests\)$`, text)
+	require.Regexp(t, `(?m)^alpha +ok +conflict rate 30\.0% over the last 15m; too few requests \(10 of 20\) to judge it against the 5% alert`, text)
 }
 
 func TestStatusCommand(t *testing.T) {

@@ -179,12 +179,20 @@ type statusPage struct {
 	BacklogChart    lineChart
 	ThroughputChart lineChart
 	Conflicts       []conflictChart
-	Hot             []pageHot
+	// Alerts are the targets above their conflict-rate alert now.
+	Alerts []pageAlert
+	Hot                []pageHot
 	DeadLetters     []pageDeadLetter
 	// Targets fill the search form's target choice; Query and
 	// QueryTarget its fields (empty here).
 	Targets            []string
 	Query, QueryTarget string
+}
+
+// pageAlert is a target above its conflict-rate alert.
+type pageAlert struct {
+	Target, Summary     string
+	Conflicts, Requests int64
 }
 
 type pageBacklog struct {
@@ -251,6 +259,10 @@ type conflictChart struct {
 	ThresholdY float64
 	Bars       []conflictBar
 	Rows       []conflictRow
+	// Now is the conflict rate over the alert window in words, and NowOver
+	// whether it is above the alert.
+	Now     string
+	NowOver bool
 }
 
 type conflictBar struct {
@@ -429,6 +441,17 @@ func buildStatusPage(ctx context.Context, pool *pgxpool.Pool, samples []backlogS
 		thresholds[t] = r
 	}
 	page.Conflicts = conflictCharts(rates, hourFrom, thresholds)
+	for _, a := range rep.ConflictAlerts {
+		if a.Above {
+			page.Alerts = append(page.Alerts, pageAlert{Target: a.Target, Summary: a.Summary, Conflicts: a.Conflicts, Requests: a.Requests})
+		}
+		for i := range page.Conflicts {
+			if c := &page.Conflicts[i]; c.Target == a.Target {
+				c.Now = fmt.Sprintf("Now: %s (%d conflicts in %d requests).", a.Summary, a.Conflicts, a.Requests)
+				c.NowOver = a.Above
+			}
+		}
+	}
 
 	for _, h := range rep.HotResources {
 		last := "-"

@@ -133,9 +133,11 @@ func TestStatusPageInChromium(t *testing.T) {
 
 	_, hs := newSim(t, remotesim.Options{})
 	s := startServe(t, dbURL, pool, testConfig(t, hs.URL, "    alert: {conflict_rate: 0.1}\n"))
+	// territory is above its 10% alert: 6 conflicts in 30 requests.
+	insertAttempts(t, pool, "territory", 30, 6, now)
 	waitFor(t, 10*time.Second, "two backlog samples", func() bool {
 		_, body := s.get(t, "/")
-		return strings.Contains(body, `<polyline class="pending"`)
+		return strings.Contains(body, `<polyline class="pending"`) && strings.Contains(body, `id="alert-territory"`)
 	})
 
 	dom := dumpDOM(t, chromium, "http://"+s.addr+"/")
@@ -161,6 +163,11 @@ func TestStatusPageInChromium(t *testing.T) {
 		`text-anchor="end">50%</text>`,
 		`<line class="threshold" id="threshold-erp" x1="56" y1="109.2" x2="628" y2="109.2"></line>`,
 		`text-anchor="end">alert 5.0%</text>`,
+		// The conflict-rate alert: territory above it, erp with too few
+		// requests to judge.
+		`<p class="alert" id="alert-territory"><strong>territory</strong>: conflict rate 20.0% over the last 15m, above the 10% alert (6 conflicts in 30 requests).`,
+		`<p class="now over" id="now-territory">Now: conflict rate 20.0% over the last 15m, above the 10% alert (6 conflicts in 30 requests).</p>`,
+		`<p class="now" id="now-erp">Now: conflict rate 41.7% over the last 15m; too few requests (12 of 20) to judge it against the 5% alert (5 conflicts in 12 requests).</p>`,
 		// The hourly table: noop, p50 and p95 too.
 		`<table class="conflicts stack" id="conflicts-erp">`,
 		`<th class="num">noop</th><th class="num">dead</th><th class="num">rejected</th><th class="num">p50</th><th class="num">p95</th>`,
