@@ -108,17 +108,17 @@ func writeStatusJSON(w io.Writer, rep *statusReport) error {
 
 // statusReport is what `stagesync status --json` prints.
 type statusReport struct {
-	GeneratedAt  time.Time       `json:"generated_at"`
-	Backlog      []backlogRow    `json:"backlog"`
-	Totals       backlogTotals   `json:"totals"`
-	Health       []targetHealth  `json:"health"`
-	Processes    []processRow    `json:"processes"`
-	LastHour     []lastHourRow   `json:"last_hour"`
+	GeneratedAt time.Time      `json:"generated_at"`
+	Backlog     []backlogRow   `json:"backlog"`
+	Totals      backlogTotals  `json:"totals"`
+	Health      []targetHealth `json:"health"`
+	Processes   []processRow   `json:"processes"`
+	LastHour    []lastHourRow  `json:"last_hour"`
 	// ConflictAlerts are the targets' conflict rates over their alert
 	// windows, the figures of stagesync_conflict_ratio.
 	ConflictAlerts []conflictAlertRow `json:"conflict_alerts"`
-	HotResources    []hotResource   `json:"hot_resources"`
-	DeadLetters  []deadLetterRow `json:"dead_letters"`
+	HotResources   []hotResource      `json:"hot_resources"`
+	DeadLetters    []deadLetterRow    `json:"dead_letters"`
 }
 
 // targetHealth is one registered target's pause (throttling applies to every

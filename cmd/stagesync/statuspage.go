@@ -180,9 +180,9 @@ type statusPage struct {
 	ThroughputChart lineChart
 	Conflicts       []conflictChart
 	// Alerts are the targets above their conflict-rate alert now.
-	Alerts []pageAlert
-	Hot                []pageHot
-	DeadLetters     []pageDeadLetter
+	Alerts      []pageAlert
+	Hot         []pageHot
+	DeadLetters []pageDeadLetter
 	// Targets fill the search form's target choice; Query and
 	// QueryTarget its fields (empty here).
 	Targets            []string
