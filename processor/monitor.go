@@ -272,8 +272,8 @@ func (p *Processor) alertAttrs(ctx context.Context, a ConflictAlert, hot bool) [
 }
 
 // logProgress logs one line per target this process logs for that has
-// work: changes pending or processing, or changes finished in the interval
-// since the last line. An idle target gets no line.
+// work: changes pending or processing now, or changes finished or requests
+// made in the interval since the last line. An idle target gets no line.
 func (p *Processor) logProgress(ctx context.Context) error {
 	m := p.mon
 	var targets []string
@@ -307,8 +307,8 @@ func (p *Processor) logProgress(ctx context.Context) error {
 	interval := m.since.Sub(since)
 	for _, r := range rows {
 		finished := r.Applied + r.Merged + r.Noop + r.Dead + r.Rejected
-		if finished == 0 && r.Pending == 0 && r.Processing == 0 {
-			continue
+		if finished == 0 && r.Requests == 0 && r.Pending == 0 && r.Processing == 0 {
+			continue // idle
 		}
 		rate := 0.0
 		if interval > 0 {
