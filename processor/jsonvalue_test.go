@@ -67,15 +67,25 @@ func TestNewSnapshotTrustsOnlyBodiesThatShowTheWrite(t *testing.T) {
 	written := map[string]any{"status": "won"}
 
 	full := response{body: map[string]any{"owner": "a", "status": "won", "updated": "now"}}
-	require.Equal(t, full.body, patch.newSnapshot(full, base, written), "a representation showing the write is the new base")
+	snap, covers := patch.newSnapshot(full, base, written)
+	require.Equal(t, full.body, snap, "a representation showing the write is the new base")
+	require.Nil(t, covers, "a representation covers every field")
 
 	couch := response{body: map[string]any{"ok": true, "id": "x", "rev": "2-b"}}
-	require.Equal(t, map[string]any{"owner": "a", "status": "won"}, put.newSnapshot(couch, base, written),
+	snap, _ = put.newSnapshot(couch, base, written)
+	require.Equal(t, map[string]any{"owner": "a", "status": "won"}, snap,
 		"a PUT answered with a receipt: the base is the document sent")
 
 	noBody := response{}
-	require.Equal(t, map[string]any{"owner": "a", "status": "won"}, patch.newSnapshot(noBody, base, written))
-	require.Nil(t, patch.newSnapshot(noBody, resourceState{}, written), "no old base and no representation: unknown, not partial")
+	snap, _ = patch.newSnapshot(noBody, base, written)
+	require.Equal(t, map[string]any{"owner": "a", "status": "won"}, snap)
+	snap, _ = patch.newSnapshot(noBody, resourceState{}, written)
+	require.Nil(t, snap, "no old base and no representation: unknown, not partial")
+
+	partial := resourceState{snapshot: map[string]any{"id": "x", "owner": "a"}, covers: map[string]bool{"id": true, "owner": true}}
+	snap, covers = patch.newSnapshot(noBody, partial, written)
+	require.Equal(t, map[string]any{"id": "x", "owner": "a", "status": "won"}, snap)
+	require.Equal(t, map[string]bool{"id": true, "owner": true, "status": true}, covers, "a partial base stays partial, plus what was written")
 
 	removed := map[string]any{"owner": nil}
 	require.False(t, shows(map[string]any{"owner": "a"}, removed))
