@@ -324,7 +324,7 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 	resp := a.write(ctx, rr, seg, st, fields, nil)
 	switch {
 	case resp.status >= 200 && resp.status < 300:
-		a.succeed(rr, seg, resp, st, fields, nil)
+		a.succeed(rr, seg, resp, st, fields, nil, nil)
 		return true
 	case a.t.isConflict(resp.status):
 		cur := a.fetch(ctx, rr, seg)
@@ -355,7 +355,7 @@ func (a *applier) create(ctx context.Context, rr *resourceRun, seg []openChange)
 	case resp.status >= 200 && resp.status < 300:
 		// What was created is exactly the fields sent (plus whatever the
 		// remote adds, which a representation in the response shows).
-		a.succeed(rr, seg, resp, resourceState{snapshot: map[string]any{}}, fields, nil)
+		a.succeed(rr, seg, resp, resourceState{snapshot: map[string]any{}}, fields, nil, nil)
 		return true
 	case resp.status == http.StatusPreconditionFailed || a.t.isConflict(resp.status):
 		cur := a.fetch(ctx, rr, seg)
@@ -529,13 +529,13 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 	curState := a.stateFrom(cur)
 	if len(remaining) == 0 || len(m.write) == 0 {
 		rr.setState(curState)
-		a.settle(rr, remaining, m.decisions, cur.etag)
+		a.settle(rr, remaining, m.decisions, cur.etag, doubt)
 		return true
 	}
 	resp := a.write(ctx, rr, remaining, curState, m.write, theirs)
 	switch {
 	case resp.status >= 200 && resp.status < 300:
-		a.succeed(rr, remaining, resp, curState, m.write, m.decisions)
+		a.succeed(rr, remaining, resp, curState, m.write, m.decisions, doubt)
 		return true
 	case a.t.isConflict(resp.status):
 		return a.retryLater(rr, remaining, resp)
@@ -573,7 +573,7 @@ func (a *applier) write(ctx context.Context, rr *resourceRun, live []openChange,
 
 // succeed records a successful write. With merge decisions, each change
 // ends merged or noop by what the merge did with its fields (see settle).
-func (a *applier) succeed(rr *resourceRun, live []openChange, resp response, st resourceState, written map[string]any, decisions map[string]Decision) {
+func (a *applier) succeed(rr *resourceRun, live []openChange, resp response, st resourceState, written map[string]any, decisions map[string]Decision, doubt *inDoubtWrite) {
 	if resp.etag == "" {
 		// Written, but with no ETag to write with next time: the next
 		// write GETs one first.
@@ -586,13 +586,15 @@ func (a *applier) succeed(rr *resourceRun, live []openChange, resp response, st 
 		rr.finish(live, statusApplied, "", resp.etag)
 		return
 	}
-	a.settle(rr, live, decisions, resp.etag)
+	a.settle(rr, live, decisions, resp.etag, doubt)
 }
 
 // settle ends merged changes: merged when a value of theirs was written or
 // set aside by a policy (outcome_detail names the fields kept from the
-// remote), noop only when the remote already held every value.
-func (a *applier) settle(rr *resourceRun, live []openChange, decisions map[string]Decision, etag string) {
+// remote), noop only when the remote already held every value, applied
+// when that value is there because the change's own in-doubt write (doubt)
+// landed.
+func (a *applier) settle(rr *resourceRun, live []openChange, decisions map[string]Decision, etag string, doubt *inDoubtWrite) {
 	for _, c := range live {
 		took := false
 		var kept []string
@@ -605,6 +607,9 @@ func (a *applier) settle(rr *resourceRun, live []openChange, decisions map[strin
 			}
 		}
 		switch {
+		case !took && len(kept) == 0 && doubt != nil && slices.Contains(doubt.ChangeIDs, c.id):
+			// Its in-doubt write landed: the remote shows every value.
+			rr.finishDetail([]openChange{c}, statusApplied, "", "", "written by an earlier request whose answer was lost; the remote shows its values")
 		case len(kept) > 0:
 			slices.Sort(kept)
 			parts := make([]string, len(kept))
