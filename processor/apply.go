@@ -73,6 +73,10 @@ type changeOutcome struct {
 	etag        string
 	detail      string // outcome_detail
 	addAttempts int32
+	// mayHaveLanded marks a change ended dead whose values an in-doubt
+	// write may have put on the remote: its fields' versions still
+	// advance, so no older change overwrites them.
+	mayHaveLanded bool
 }
 
 // mergeRecord becomes one stagesync.merges row.
@@ -501,6 +505,7 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 		for _, c := range remaining {
 			if reason := reviewNeeded(c, m); reason != "" {
 				rr.finish([]openChange{c}, statusDead, reason, "")
+				rr.outcome(c.id).mayHaveLanded = doubt != nil && slices.Contains(doubt.ChangeIDs, c.id)
 				dead++
 				continue
 			}

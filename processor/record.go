@@ -163,15 +163,19 @@ func (p *Processor) recordRuns(ctx context.Context, conn *pgxpool.Conn, t *Targe
 
 // settledVersions returns the resource's field_versions once this round's
 // changes are recorded: for each field of a change that ended applied,
-// merged or noop, the highest such change id (dead and rejected changes
-// settle nothing). moved says it differs from the stored one.
+// merged or noop, the highest such change id. Dead and rejected changes
+// settle nothing, except one an in-doubt write may have put on the remote.
+// moved says it differs from the stored one.
 func settledVersions(rr *resourceRun) (map[string]int64, bool) {
 	versions, moved := rr.fieldVersions, false
 	for _, c := range rr.changes {
-		switch rr.outcome(c.id).status {
+		o := rr.outcome(c.id)
+		switch o.status {
 		case statusApplied, statusMerged, statusNoop:
 		default:
-			continue
+			if !o.mayHaveLanded {
+				continue
+			}
 		}
 		for _, f := range c.carried {
 			if versions[f] >= c.id {

@@ -97,22 +97,29 @@ func (w *applyWorker) Work(ctx context.Context, job *river.Job[ApplyArgs]) (err 
 	return w.work(ctx, job)
 }
 
-// sweep turns batch lookups that were sent but never recorded into
-// 'unknown' attempts rows, at most every sweepEvery per process. Requests
-// for a resource are found when a job next locks it; a batch lookup names
-// no resource, so this is how the audit gets its row.
+// sweep runs SweepLookups at most every sweepEvery per process.
 func (w *applyWorker) sweep(ctx context.Context) {
 	now := time.Now().UnixNano()
 	last := w.lastSweep.Load()
 	if now-last < int64(sweepEvery) || !w.lastSweep.CompareAndSwap(last, now) {
 		return
 	}
-	n, err := w.p.q.OutboxSweepLookups(ctx, w.p.pool)
+	w.p.SweepLookups(ctx)
+}
+
+// SweepLookups turns batch lookups that were sent but never recorded (their
+// job attempt ended first) into 'unknown' attempts rows. Requests for a
+// resource are found when a job next locks it; a batch lookup names no
+// resource, so this is how the audit gets its row. Apply jobs run it as
+// they start, and the periodic dispatch job so that a quiet process still
+// does. Failures are logged: the next sweep retries.
+func (p *Processor) SweepLookups(ctx context.Context) {
+	n, err := p.q.OutboxSweepLookups(ctx, p.pool)
 	switch {
-	case err != nil:
-		w.p.logger.WarnContext(ctx, "sweep of unrecorded batch lookups failed; the next job retries it", "error", err)
+	case err != nil && ctx.Err() == nil:
+		p.logger.WarnContext(ctx, "sweep of unrecorded batch lookups failed; the next sweep retries it", "error", err)
 	case n > 0:
-		w.p.logger.InfoContext(ctx, "batch lookups sent by ended job attempts recorded as unknown", "requests", n)
+		p.logger.InfoContext(ctx, "batch lookups sent by ended job attempts recorded as unknown", "requests", n)
 	}
 }
 
