@@ -32,27 +32,18 @@ WITH u AS (
            unnest($8::text[]) AS if_none_match,
            unnest($9::text[]) AS idempotency_key,
            unnest($10::text[]) AS body,
-           unnest($11::bigint[]) AS job_id,
-           unnest($12::integer[]) AS lock_pid
-), allowed AS (
-    SELECT nextval('stagesync.outbox_id_seq') AS id, u.ord, u.resource_id, u.change_ids, u.method, u.url, u.if_match, u.if_match_raw, u.if_none_match, u.idempotency_key, u.body, u.job_id, u.lock_pid
-    FROM u
-    WHERE u.lock_pid = 0
-       OR EXISTS (
-           SELECT 1 FROM pg_catalog.pg_locks l
-           WHERE l.locktype = 'advisory' AND l.granted AND l.pid = u.lock_pid AND l.objsubid = 1
-             AND ((l.classid::bigint << 32) | l.objid::bigint)
-                 = hashtextextended($13::text || '/' || u.resource_id, 0)
-       )
+           unnest($11::bigint[]) AS job_id
+), numbered AS (
+    SELECT nextval('stagesync.outbox_id_seq') AS id, u.ord, u.resource_id, u.change_ids, u.method, u.url, u.if_match, u.if_match_raw, u.if_none_match, u.idempotency_key, u.body, u.job_id FROM u
 ), written AS (
     INSERT INTO stagesync.outbox (id, target, resource_id, change_ids, method, url, if_match,
         if_match_raw, if_none_match, idempotency_key, body, job_id)
-    SELECT a.id, $13::text, nullif(a.resource_id, ''), a.change_ids::bigint[], a.method, a.url,
-           nullif(a.if_match, ''), a.if_match_raw, nullif(a.if_none_match, ''),
-           nullif(a.idempotency_key, ''), nullif(a.body, '')::jsonb, nullif(a.job_id, 0)
-    FROM allowed a
+    SELECT n.id, $12::text, nullif(n.resource_id, ''), n.change_ids::bigint[], n.method, n.url,
+           nullif(n.if_match, ''), n.if_match_raw, nullif(n.if_none_match, ''),
+           nullif(n.idempotency_key, ''), nullif(n.body, '')::jsonb, nullif(n.job_id, 0)
+    FROM numbered n
 )
-SELECT a.ord::integer AS ord, a.id::bigint AS id FROM allowed a
+SELECT n.ord::integer AS ord, n.id::bigint AS id FROM numbered n
 `
 
 type OutboxInsertParams struct {
@@ -67,7 +58,6 @@ type OutboxInsertParams struct {
 	IdempotencyKeys []string `json:"idempotency_keys"`
 	Bodies          []string `json:"bodies"`
 	JobIDs          []int64  `json:"job_ids"`
-	LockPIDs        []int32  `json:"lock_pids"`
 	Target          string   `json:"target"`
 }
 
@@ -77,11 +67,9 @@ type OutboxInsertRow struct {
 }
 
 // Makes the requests about to leave durable, many goroutines' rows in one
-// statement (group commit). A row naming a lock session (lock_pid > 0) is
-// written only while that session still holds the resource's advisory lock:
-// a job whose connection was terminated has lost the lock, another job may
-// hold it now, and the request must not leave. Returns the id of each row
-// written, by its ordinal in the arrays; a missing ordinal was refused.
+// statement (group commit). It runs on the session holding the resources'
+// locks, so a job whose session ended can write none. Returns the id of
+// each row by its ordinal in the arrays.
 func (q *Queries) OutboxInsert(ctx context.Context, db DBTX, arg OutboxInsertParams) ([]OutboxInsertRow, error) {
 	rows, err := db.Query(ctx, outboxInsert,
 		arg.Ords,
@@ -95,7 +83,6 @@ func (q *Queries) OutboxInsert(ctx context.Context, db DBTX, arg OutboxInsertPar
 		arg.IdempotencyKeys,
 		arg.Bodies,
 		arg.JobIDs,
-		arg.LockPIDs,
 		arg.Target,
 	)
 	if err != nil {

@@ -164,18 +164,15 @@ type applier struct {
 	t   *TargetConfig
 	r   *remote
 	now func() time.Time
-	// jobID and lockPID (the backend holding the job's resource locks) go
-	// with each request's durable intent.
-	jobID   int64
-	lockPID uint32
+	// outbox makes each of the job's requests durable before it leaves;
+	// jobID goes with its rows.
+	outbox *outbox
+	jobID  int64
 }
 
 // do sends a request of this job.
 func (a *applier) do(ctx context.Context, req request) response {
-	req.jobID = a.jobID
-	if req.resourceID != "" {
-		req.lockPID = a.lockPID
-	}
+	req.outbox, req.jobID = a.outbox, a.jobID
 	return a.r.do(ctx, req)
 }
 

@@ -3,28 +3,32 @@ package processor
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgxpool"
-
 	"github.com/stagesync/stagesync/db"
 )
 
 // outbox writes a durable intent (a stagesync.outbox row) for every request
-// before it leaves, so that after any crash the next worker of the resource
-// knows the remote may have seen it. Rows of concurrent requests are group
-// committed: one caller at a time writes every row queued so far in one
-// statement while the others wait, and the next queued caller takes over
-// for the rows that arrived meanwhile. No timer holds a row back: when
-// requests are rare each commits alone at once, under load the commit in
-// progress is the batching window.
+// of a job before it leaves, so that after any crash the next worker of the
+// resource knows the remote may have seen it.
+//
+// It writes through the job's own connection, the session that holds the
+// job's resource locks: if that session has ended (a terminated
+// connection, a failover), the lock is gone and another job may be working
+// the resource, and the write fails, so the request is never sent.
+//
+// Rows of the job's concurrent requests are group committed: one caller at
+// a time writes every row queued so far in one statement while the others
+// wait, and the next queued caller takes over for the rows that arrived
+// meanwhile. No timer holds a row back: when requests are rare each
+// commits alone at once, under load the commit in progress is the batching
+// window.
 type outbox struct {
-	pool *pgxpool.Pool
+	conn db.DBTX
 	q    *db.Queries
 
 	mu      sync.Mutex
@@ -39,13 +43,8 @@ const maxOutboxBatch = 256
 // be written within it is not sent.
 const outboxWriteTimeout = 10 * time.Second
 
-// errLockLost refuses a request whose job no longer holds its resource's
-// lock (its database session ended): another job may be working the
-// resource now.
-var errLockLost = errors.New("the job's database session no longer holds the resource's lock; request not sent")
-
-func newOutbox(pool *pgxpool.Pool) *outbox {
-	return &outbox{pool: pool, q: db.New()}
+func newOutbox(conn db.DBTX) *outbox {
+	return &outbox{conn: conn, q: db.New()}
 }
 
 // intent is one queued row and, once written, its fate.
@@ -137,7 +136,7 @@ func (o *outbox) write(ctx context.Context, batch []*intent) {
 }
 
 // insert writes the rows of one target in one statement and sets each
-// intent's id, or errLockLost for a row refused for want of its lock.
+// intent's id.
 func (o *outbox) insert(ctx context.Context, target string, group []*intent) error {
 	p := db.OutboxInsertParams{Target: target}
 	for i, b := range group {
@@ -151,10 +150,6 @@ func (o *outbox) insert(ctx context.Context, target string, group []*intent) err
 			}
 			body = string(enc)
 		}
-		pid := int32(r.lockPID)
-		if r.resourceID == "" {
-			pid = 0
-		}
 		p.Ords = append(p.Ords, int32(i))
 		p.ResourceIDs = append(p.ResourceIDs, r.resourceID)
 		p.ChangeIDs = append(p.ChangeIDs, int64Array(r.changeIDs))
@@ -166,17 +161,13 @@ func (o *outbox) insert(ctx context.Context, target string, group []*intent) err
 		p.IdempotencyKeys = append(p.IdempotencyKeys, r.key)
 		p.Bodies = append(p.Bodies, body)
 		p.JobIDs = append(p.JobIDs, r.jobID)
-		p.LockPIDs = append(p.LockPIDs, pid)
 	}
-	rows, err := o.q.OutboxInsert(ctx, o.pool, p)
+	rows, err := o.q.OutboxInsert(ctx, o.conn, p)
 	if err != nil {
-		return fmt.Errorf("write the outbox: %w", err)
-	}
-	for _, b := range group {
-		b.err = errLockLost
+		return fmt.Errorf("write the outbox through the job's session (its resource locks may be lost): %w", err)
 	}
 	for _, r := range rows {
-		group[r.Ord].id, group[r.Ord].err = r.ID, nil
+		group[r.Ord].id = r.ID
 	}
 	return nil
 }

@@ -76,11 +76,8 @@ func New(cfg *Config, opts Options) (*Processor, error) {
 		return nil, fmt.Errorf("register dispatch worker: %w", err)
 	}
 	queues := map[string]river.QueueConfig{river.QueueDefault: {MaxWorkers: 2}}
-	// One outbox per process: every request's durable intent (t1).
-	ob := newOutbox(opts.Pool)
 	for name, t := range cfg.Targets {
 		p.remotes[name] = newRemote(t, hc, p.metrics)
-		p.remotes[name].outbox = ob
 		queues[QueueName(name)] = river.QueueConfig{MaxWorkers: t.Workers}
 	}
 	client, err := river.NewClient(riverpgxv5.New(opts.Pool), &river.Config{

@@ -28,9 +28,6 @@ type remote struct {
 	client  *http.Client
 	gate    *gate
 	metrics *Metrics
-	// outbox makes each request durable before it leaves; nil (unit tests
-	// of the HTTP exchange alone) sends without.
-	outbox *outbox
 }
 
 func newRemote(t *TargetConfig, client *http.Client, m *Metrics) *remote {
@@ -113,11 +110,11 @@ type request struct {
 	// when set, is sent as it is (resending an in-doubt request).
 	idemKey bool
 	key     string
-	// jobID and lockPID go with the request's durable intent: the job that
-	// sent it, and the database session holding the resource's lock (0 for
-	// a batch lookup, which names no resource).
-	jobID   int64
-	lockPID uint32
+	// outbox makes the request durable before it leaves (nil: it is sent
+	// without, as in unit tests of the exchange alone); jobID goes with
+	// its row.
+	outbox *outbox
+	jobID  int64
 	// payload is the encoded body, made once by do.
 	payload []byte
 }
@@ -137,7 +134,7 @@ func (r *remote) do(ctx context.Context, req request) response {
 	}
 	// The intent is durable before the request leaves, so after any crash
 	// the resource's next worker knows the remote may have seen it.
-	id, err := r.outbox.add(ctx, r.t.Name, req)
+	id, err := req.outbox.add(ctx, r.t.Name, req)
 	if err != nil {
 		return response{notSent: true, err: err, req: req}
 	}

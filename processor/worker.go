@@ -205,7 +205,9 @@ func (w *applyWorker) work(ctx context.Context, job *river.Job[ApplyArgs]) error
 		}
 	}
 
-	a := &applier{t: t, r: p.remotes[t.Name], now: time.Now, jobID: job.ID, lockPID: conn.Conn().PgConn().PID()}
+	// Requests are made durable through this connection, the session that
+	// holds the locks: one whose session ended can send nothing.
+	a := &applier{t: t, r: p.remotes[t.Name], now: time.Now, outbox: newOutbox(conn), jobID: job.ID}
 	todo := locked
 	for round := 0; len(todo) > 0; round++ {
 		if round == maxRounds || ctx.Err() != nil {
@@ -389,7 +391,7 @@ func (p *Processor) prefetchETags(ctx context.Context, a *applier, runs []*resou
 			ids[i] = rr.id
 			cids = append(cids, changeIDs(rr.changes)...)
 		}
-		items, resp := a.r.batchETags(ctx, request{changeIDs: cids, jobID: a.jobID}, ids, fields, all)
+		items, resp := a.r.batchETags(ctx, request{changeIDs: cids, outbox: a.outbox, jobID: a.jobID}, ids, fields, all)
 		// The batch request is recorded once, with the first resource's run.
 		if resp.outboxID != 0 {
 			chunk[0].outboxIDs = append(chunk[0].outboxIDs, resp.outboxID)
