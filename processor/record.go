@@ -195,7 +195,8 @@ func settledVersions(rr *resourceRun) (map[string]int64, bool) {
 
 // recordUnrecordable records what it can of a resource whose results the
 // database refused (cause): its attempts without the remote's details, its
-// changes dead with the reason, and, when a write of the round may have
+// changes dead with the reason (those refused or dead for a reason of
+// their own keep it), and, when a write of the round may have
 // landed, that write as the resource's in-doubt write, so the next worker
 // checks it rather than forget it. The round's intents are deleted with it.
 func (p *Processor) recordUnrecordable(ctx context.Context, conn *pgxpool.Conn, t *TargetConfig, jobID int64, rr *resourceRun, cause error) error {
@@ -215,10 +216,16 @@ func (p *Processor) recordUnrecordable(ctx context.Context, conn *pgxpool.Conn, 
 	}
 	var changes db.ChangesRecordParams
 	for _, c := range rr.changes {
+		o := rr.outcome(c.id)
+		status, lastError := statusDead, reason
+		if o.status == statusRejected || o.status == statusDead {
+			// Refused or given up for its own reason, which still holds.
+			status, lastError = o.status, cleanText(o.errText, maxErrorText)
+		}
 		changes.IDs = append(changes.IDs, c.id)
-		changes.Statuses = append(changes.Statuses, statusDead)
-		changes.AddAttempts = append(changes.AddAttempts, rr.outcome(c.id).addAttempts)
-		changes.LastErrors = append(changes.LastErrors, reason)
+		changes.Statuses = append(changes.Statuses, status)
+		changes.AddAttempts = append(changes.AddAttempts, o.addAttempts)
+		changes.LastErrors = append(changes.LastErrors, lastError)
 		changes.AppliedETags = append(changes.AppliedETags, "")
 		changes.OutcomeDetails = append(changes.OutcomeDetails, "")
 	}
