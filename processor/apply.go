@@ -487,7 +487,7 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 	}
 	theirs := cur.body
 	ours := fold(live)
-	first := merge(a.t, base, ours, theirs, doubt)
+	first := merge(a.t, base, ours, theirs, doubt, strictFields(live, doubt))
 
 	// A change touching a needs_review field ends dead as a whole. The rest
 	// are folded and merged again without it, until no change is left
@@ -512,7 +512,7 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 			break
 		}
 		remaining = keep
-		m = merge(a.t, base, fold(remaining), theirs, doubt)
+		m = merge(a.t, base, fold(remaining), theirs, doubt, strictFields(remaining, doubt))
 		maps.Copy(decisions, m.decisions)
 	}
 	outcome := statusMerged
@@ -544,6 +544,28 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 	default:
 		return a.failure(rr, remaining, resp)
 	}
+}
+
+// strictFields are the fields whose folded value comes from a change the
+// in-doubt write carried: those merge under the in-doubt rules.
+func strictFields(cs []openChange, doubt *inDoubtWrite) map[string]bool {
+	if doubt == nil {
+		return nil
+	}
+	from := map[string]int64{}
+	for _, c := range cs {
+		for f := range c.fields {
+			from[f] = c.id
+		}
+	}
+	strict := map[string]bool{}
+	for f, id := range from {
+		// Without a readable request, every change may have been in it.
+		if doubt.Method == "" || slices.Contains(doubt.ChangeIDs, id) {
+			strict[f] = true
+		}
+	}
+	return strict
 }
 
 // reviewNeeded explains why c must wait for a person, or returns "".

@@ -69,12 +69,15 @@ type mergeResult struct {
 // rather than silently keep the remote's value over the upstream's.
 //
 // With doubt (an earlier write of ours may or may not have landed), a
-// field may be overwritten only when its remote value is one stagesync can
-// account for: the base, or the in-doubt write's own value. Any other value
-// is someone's edit that may have come after our write, so it is never
-// overwritten, whatever the policy: theirs keeps it, ours and manual ask
-// for review.
-func merge(t *TargetConfig, base mergeBase, ours, theirs map[string]any, doubt *inDoubtWrite) mergeResult {
+// remote value the in-doubt write accounts for (its own value, or the
+// value it was made against) is not a person's edit. A field whose value
+// comes from a change that write carried (strict) may be overwritten only
+// when its remote value is one stagesync can account for: any other value
+// is someone's edit that may have come after our write, and writing the
+// same old value again would revert it, so it is never overwritten,
+// whatever the policy: theirs keeps it, ours and manual ask for review. A
+// field set by a newer change merges as usual.
+func merge(t *TargetConfig, base mergeBase, ours, theirs map[string]any, doubt *inDoubtWrite, strict map[string]bool) mergeResult {
 	r := mergeResult{write: map[string]any{}, decisions: make(map[string]Decision, len(ours)), reasons: map[string]string{}}
 	for f, ov := range ours {
 		tv, theirsHas := theirs[f]
@@ -83,11 +86,11 @@ func merge(t *TargetConfig, base mergeBase, ours, theirs map[string]any, doubt *
 			continue
 		}
 		bv, baseHas, known := base.get(f)
-		untouched := known && sameValue(bv, baseHas, tv, theirsHas)
+		untouched := known && sameValue(bv, baseHas, tv, theirsHas) || doubt != nil && doubt.explains(f, tv, theirsHas)
 		policy := t.policy(f)
-		if doubt != nil {
+		if strict[f] {
 			switch {
-			case untouched || doubt.explains(f, tv, theirsHas):
+			case untouched:
 				r.decisions[f], r.write[f] = TookOurs, ov
 			case policy == PolicyTheirs:
 				r.decisions[f] = KeptTheirs

@@ -17,6 +17,7 @@ func TestMergeDecidesEachFieldByPolicy(t *testing.T) {
 		base, theirs map[string]any
 		covers       map[string]bool
 		doubt        *inDoubtWrite
+		strict       map[string]bool
 		ours         map[string]any
 		want         map[string]Decision
 		wantWrite    map[string]any
@@ -90,6 +91,7 @@ func TestMergeDecidesEachFieldByPolicy(t *testing.T) {
 			name:      "in doubt: values stagesync can account for are overwritten",
 			base:      map[string]any{"owner": "a", "status": "open"},
 			doubt:     &inDoubtWrite{Method: "PATCH", Body: map[string]any{"status": "won"}},
+			strict:    map[string]bool{"owner": true, "status": true},
 			theirs:    map[string]any{"owner": "a", "status": "won"},
 			ours:      map[string]any{"owner": "b", "status": "lost"},
 			want:      map[string]Decision{"owner": TookOurs, "status": TookOurs},
@@ -99,15 +101,27 @@ func TestMergeDecidesEachFieldByPolicy(t *testing.T) {
 			name:      "in doubt: a person's value is never overwritten, whatever the policy",
 			base:      map[string]any{"owner": "a", "status": "open", "region": "eu"},
 			doubt:     &inDoubtWrite{Method: "PATCH", Body: map[string]any{"status": "won", "owner": "b", "region": "us"}},
+			strict:    map[string]bool{"owner": true, "status": true, "region": true},
 			theirs:    map[string]any{"owner": "person", "status": "person", "region": "person"},
 			ours:      map[string]any{"owner": "b", "status": "won", "region": "us"},
 			want:      map[string]Decision{"owner": KeptTheirs, "status": NeedsReview, "region": NeedsReview},
 			wantWrite: map[string]any{},
 		},
 		{
+			name:      "in doubt: a newer change's field merges as usual",
+			base:      map[string]any{"status": "open"},
+			doubt:     &inDoubtWrite{Method: "PATCH", Body: map[string]any{"status": "won"}},
+			strict:    map[string]bool{},
+			theirs:    map[string]any{"status": "person"},
+			ours:      map[string]any{"status": "newer"},
+			want:      map[string]Decision{"status": TookOurs},
+			wantWrite: map[string]any{"status": "newer"},
+		},
+		{
 			name:      "in doubt: the value a merged write was made against is accounted for",
 			base:      map[string]any{"status": "open"},
 			doubt:     &inDoubtWrite{Method: "PATCH", Body: map[string]any{"status": "won"}, Base: map[string]any{"status": "lost"}},
+			strict:    map[string]bool{"status": true},
 			theirs:    map[string]any{"status": "lost"},
 			ours:      map[string]any{"status": "won"},
 			want:      map[string]Decision{"status": TookOurs},
@@ -133,7 +147,7 @@ func TestMergeDecidesEachFieldByPolicy(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			got := merge(target, mergeBase{fields: tt.base, covers: tt.covers}, tt.ours, tt.theirs, tt.doubt)
+			got := merge(target, mergeBase{fields: tt.base, covers: tt.covers}, tt.ours, tt.theirs, tt.doubt, tt.strict)
 			require.Equal(t, tt.want, got.decisions)
 			require.Equal(t, tt.wantWrite, got.write)
 		})

@@ -116,6 +116,9 @@ func TestExactlyOnceInOrderAcrossCrashes(t *testing.T) {
 	}
 	t.Logf("%d upstream transactions, %d changes, %d kills, %d sessions terminated; outcomes %v; %d unknown attempts",
 		staged.Load(), total, kills, terminated, counts, h.count(`SELECT count(*) FROM stagesync.attempts WHERE outcome = 'unknown'`))
+	for reason, n := range deadReasons(t, h) {
+		t.Logf("%d dead: %s", n, reason)
+	}
 	require.Greater(t, kills, 3, "kills: got %d; want several", kills)
 	require.Greater(t, terminated, 0, "terminated sessions: got %d; want some", terminated)
 	changeIDs := map[int64]bool{}
@@ -224,4 +227,21 @@ func reverted(prev map[string]any, f string) string {
 		return fmt.Sprintf(" (and it reverted a person's edit %q)", s)
 	}
 	return ""
+}
+
+// deadReasons counts dead changes by the start of their last_error.
+func deadReasons(t *testing.T, h *harness) map[string]int {
+	t.Helper()
+	rows, err := h.pool.Query(context.Background(), `SELECT left(last_error, 90), count(*) FROM stagesync.changes WHERE status = 'dead' GROUP BY 1`)
+	require.NoError(t, err)
+	defer rows.Close()
+	out := map[string]int{}
+	for rows.Next() {
+		var r string
+		var n int
+		require.NoError(t, rows.Scan(&r, &n))
+		out[r] = n
+	}
+	require.NoError(t, rows.Err())
+	return out
 }
