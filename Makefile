@@ -91,8 +91,12 @@ lint: $(SQLC) $(STATICCHECK)
 demo: db-up build
 	DATABASE_URL=$(DBURL) $(BIN)/stagesync demo
 
+# Every benchmark once, then BENCHMARKS.md from their figures (the raw
+# output stays in bin/bench.txt).
 bench: db-up
-	DATABASE_URL=$(DBURL) $(GO) test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 30m ./...
+	@mkdir -p $(BIN)
+	set -o pipefail; DATABASE_URL=$(DBURL) $(GO) test -count=1 -run '^$$' -bench . -benchtime 1x -timeout 60m ./... | tee $(BIN)/bench.txt
+	DATABASE_URL=$(DBURL) $(GO) run ./test/benchreport -in $(BIN)/bench.txt -out BENCHMARKS.md
 
 clean:
 	rm -rf $(BIN) stagesync

@@ -1,6 +1,8 @@
 package remotesim_test
 
 import (
+	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -59,4 +61,50 @@ func BenchmarkHTTPGetParallel(b *testing.B) {
 			resp.Body.Close()
 		}
 	})
+}
+
+// BenchmarkServeBatch50 measures the handler alone for a $batch of 50 successful PATCHes,
+// one per resource; ns/op divided by 50 is the cost of an item.
+func BenchmarkServeBatch50(b *testing.B) {
+	const n = 50
+	sim := remotesim.New(remotesim.Options{Seed: 1, BatchWrites: true, RequestLogSize: 10_000})
+	etags := make([]string, n)
+	for i := range n {
+		etags[i] = sim.Put(fmt.Sprint("r", i), map[string]any{"owner": "crm", "status": "new"})
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		var body strings.Builder
+		body.WriteString(`{"requests":[`)
+		for i := range n {
+			if i > 0 {
+				body.WriteByte(',')
+			}
+			fmt.Fprintf(&body, `{"id":"%d","method":"PATCH","url":"items/r%d","headers":{"if-match":%q},"body":{"status":"assigned"}}`, i, i, etags[i])
+		}
+		body.WriteString(`]}`)
+		w := httptest.NewRecorder()
+		sim.ServeHTTP(w, httptest.NewRequest(http.MethodPost, "/$batch", strings.NewReader(body.String())))
+		if w.Code != http.StatusOK {
+			b.Fatalf("got status %d; want 200", w.Code)
+		}
+		var answer struct {
+			Responses []struct {
+				ID      string
+				Status  int
+				Headers map[string]string
+			}
+		}
+		if err := json.Unmarshal(w.Body.Bytes(), &answer); err != nil {
+			b.Fatal(err)
+		}
+		for _, r := range answer.Responses {
+			if r.Status != http.StatusOK {
+				b.Fatalf("item %s: got status %d; want 200", r.ID, r.Status)
+			}
+			var i int
+			fmt.Sscan(r.ID, &i)
+			etags[i] = r.Headers["etag"]
+		}
+	}
 }

@@ -12,19 +12,51 @@ const (
 	faultReset     = "reset"
 	faultError     = "error"
 	faultRateLimit = "ratelimit"
+	// faultDropAfterCommit is a write that changed state and whose connection was then
+	// reset without an answer.
+	faultDropAfterCommit = "drop-after-commit"
+	// faultMissing is a $batch item left out of the answer without being processed.
+	faultMissing = "missing"
+	// faultMissingApplied is a $batch item processed against state (it may or may not have
+	// changed it) and then left out of the answer.
+	faultMissingApplied = "missing-applied"
 )
 
 // Faults are the fault-injection settings that can change while the Sim serves; see the
-// fields of the same names in Options.
+// fields of the same names in Options. A $batch item is a request like any other: it draws
+// ErrorRate, RateLimitRate and DropAfterCommitRate (never ResetRate: it has no connection of
+// its own), then BatchMissingRate. The $batch POST itself draws only the Batch… rates of
+// the POST.
 type Faults struct {
-	// ErrorRate is the fraction in [0,1] of API requests answered 500 or 503.
+	// ErrorRate is the fraction in [0,1] of API requests and $batch items answered 500 or
+	// 503.
 	ErrorRate float64
-	// RateLimitRate is the fraction in [0,1] of API requests answered 429.
+	// RateLimitRate is the fraction in [0,1] of API requests and $batch items answered 429.
 	RateLimitRate float64
-	// ResetRate is the fraction in [0,1] of API requests whose connection is reset.
+	// ResetRate is the fraction in [0,1] of single API requests whose connection is reset.
 	ResetRate float64
-	// Latency is added to every API request.
+	// DropAfterCommitRate is the fraction in [0,1] of writes (single or $batch item) that
+	// change state and then go unanswered: a reset connection, or an item missing from the
+	// $batch answer.
+	DropAfterCommitRate float64
+	// Latency is added to every API request; a $batch POST waits it once, not per item.
 	Latency time.Duration
+
+	// BatchErrorRate is the fraction in [0,1] of $batch POSTs answered 500 or 503 as a
+	// whole, before any item is processed.
+	BatchErrorRate float64
+	// BatchRateLimitRate is the fraction in [0,1] of $batch POSTs answered 429 as a whole.
+	BatchRateLimitRate float64
+	// BatchResetRate is the fraction in [0,1] of $batch POSTs whose connection is reset
+	// before any item is processed.
+	BatchResetRate float64
+	// BatchMissingRate is the fraction in [0,1] of $batch items left out of the answer
+	// (logged with Fault "missing" or "missing-applied").
+	BatchMissingRate float64
+	// BatchMissingAppliedRate is the fraction in [0,1] of those missing items that were
+	// processed against state before being left out ("missing-applied"); the others were
+	// never processed ("missing").
+	BatchMissingAppliedRate float64
 }
 
 // problem describes what is wrong with f, or returns "" if f is valid. It is a string,
@@ -33,7 +65,12 @@ func (f Faults) problem() string {
 	for _, r := range []struct {
 		name string
 		v    float64
-	}{{"ErrorRate", f.ErrorRate}, {"RateLimitRate", f.RateLimitRate}, {"ResetRate", f.ResetRate}} {
+	}{
+		{"ErrorRate", f.ErrorRate}, {"RateLimitRate", f.RateLimitRate}, {"ResetRate", f.ResetRate},
+		{"DropAfterCommitRate", f.DropAfterCommitRate}, {"BatchErrorRate", f.BatchErrorRate},
+		{"BatchRateLimitRate", f.BatchRateLimitRate}, {"BatchResetRate", f.BatchResetRate},
+		{"BatchMissingRate", f.BatchMissingRate}, {"BatchMissingAppliedRate", f.BatchMissingAppliedRate},
+	} {
 		if !(r.v >= 0 && r.v <= 1) { // also rejects NaN
 			return fmt.Sprintf("%s %v: must be in [0,1]", r.name, r.v)
 		}
@@ -55,10 +92,15 @@ func (s *Sim) SetFaults(f Faults) {
 	s.mu.Unlock()
 }
 
-// drawFaultLocked decides the fault for one request, in the order reset, error, rate limit.
-// A zero rate draws nothing, so enabling one fault does not shift the others' sequence.
-func (s *Sim) drawFaultLocked() string {
+// drawFaultLocked decides the fault for one request of kind k, in the order reset, error,
+// rate limit, drop after commit (writes only). A zero rate draws nothing, so enabling one
+// fault does not shift the others' sequence. A drop after commit is only a candidate: it
+// happens only if the write changes state.
+func (s *Sim) drawFaultLocked(k kind) string {
 	f := &s.faults
+	if k == kindBatch {
+		return s.drawBatchFaultLocked()
+	}
 	switch {
 	case f.ResetRate > 0 && s.rng.Float64() < f.ResetRate:
 		return faultReset
@@ -66,6 +108,43 @@ func (s *Sim) drawFaultLocked() string {
 		return faultError
 	case f.RateLimitRate > 0 && s.rng.Float64() < f.RateLimitRate:
 		return faultRateLimit
+	case k.writes() && f.DropAfterCommitRate > 0 && s.rng.Float64() < f.DropAfterCommitRate:
+		return faultDropAfterCommit
+	}
+	return ""
+}
+
+// drawBatchFaultLocked decides the fault of a $batch POST as a whole, in the order reset,
+// error, rate limit.
+func (s *Sim) drawBatchFaultLocked() string {
+	f := &s.faults
+	switch {
+	case f.BatchResetRate > 0 && s.rng.Float64() < f.BatchResetRate:
+		return faultReset
+	case f.BatchErrorRate > 0 && s.rng.Float64() < f.BatchErrorRate:
+		return faultError
+	case f.BatchRateLimitRate > 0 && s.rng.Float64() < f.BatchRateLimitRate:
+		return faultRateLimit
+	}
+	return ""
+}
+
+// drawItemFaultLocked decides the fault of one $batch item of kind k, in the order error,
+// rate limit, drop after commit (writes only), missing.
+func (s *Sim) drawItemFaultLocked(k kind) string {
+	f := &s.faults
+	switch {
+	case f.ErrorRate > 0 && s.rng.Float64() < f.ErrorRate:
+		return faultError
+	case f.RateLimitRate > 0 && s.rng.Float64() < f.RateLimitRate:
+		return faultRateLimit
+	case k.writes() && f.DropAfterCommitRate > 0 && s.rng.Float64() < f.DropAfterCommitRate:
+		return faultDropAfterCommit
+	case f.BatchMissingRate > 0 && s.rng.Float64() < f.BatchMissingRate:
+		if f.BatchMissingAppliedRate > 0 && s.rng.Float64() < f.BatchMissingAppliedRate {
+			return faultMissingApplied
+		}
+		return faultMissing
 	}
 	return ""
 }

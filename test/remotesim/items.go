@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"slices"
 	"strings"
 )
@@ -23,6 +24,7 @@ var (
 	bodyRateLimited        = []byte(`{"error":"rate limited"}`)
 	bodyInternalError      = []byte(`{"error":"internal error"}`)
 	bodyServiceUnavailable = []byte(`{"error":"service unavailable"}`)
+	bodyNestedBatch        = []byte(`{"error":"a $batch item cannot be another $batch"}`)
 )
 
 // invalidValue is the field value the Sim rejects with 422, so tests can provoke a
@@ -56,96 +58,144 @@ func (s *Sim) serveGet(id, ifNoneMatch string) response {
 	}
 	etag, body := res.etag, res.body
 	s.mu.Unlock()
-	if ifNoneMatch != "" && ifNoneMatch == etag {
+	if ifNoneMatch != "" && noneMatch(ifNoneMatch, etag) {
 		return response{status: http.StatusNotModified, etag: etag}
 	}
-	return response{status: http.StatusOK, etag: etag, body: body}
+	return response{status: http.StatusOK, etag: etag, body: body, item: true}
+}
+
+// ifMatchFails judges If-Match against the existing res: a stale ETag is answered
+// ConflictStatus, and with StrictIfMatch a weak entity tag always 412.
+func (s *Sim) ifMatchFails(res *resource, ifMatch string) (response, bool) {
+	if s.opts.StrictIfMatch && strings.HasPrefix(ifMatch, "W/") {
+		return conflictResponse(http.StatusPreconditionFailed, "weak entity tag in If-Match: If-Match compares strongly, so it never matches", res.etag), true
+	}
+	if res.etag != ifMatch {
+		return conflictResponse(s.opts.ConflictStatus, "etag mismatch", res.etag), true
+	}
+	return response{}, false
+}
+
+// noneMatch reports whether an If-None-Match header value matches etag, so that a GET is
+// answered 304: "*" matches any current representation, and each entity tag of the list
+// is compared weakly (RFC 9110 §13.1.2: W/"x" matches "x").
+func noneMatch(header, etag string) bool {
+	want := strings.TrimPrefix(etag, "W/")
+	h := header
+	for {
+		h = strings.TrimLeft(h, " \t,")
+		if h == "" {
+			return false
+		}
+		if h[0] == '*' {
+			return true
+		}
+		h = strings.TrimPrefix(h, "W/")
+		if h == "" || h[0] != '"' {
+			return false // malformed: matches nothing
+		}
+		end := strings.IndexByte(h[1:], '"')
+		if end < 0 {
+			return false
+		}
+		if h[:end+2] == want {
+			return true
+		}
+		h = h[end+2:]
+	}
 }
 
 // servePatch merges the body into the resource. Preconditions are judged before the body,
 // as RFC 9110 §13.2.1 orders it: 413, 428, 404, stale ETag, then 400 and 422.
-func (s *Sim) servePatch(w http.ResponseWriter, r *http.Request, id string) (response, bool) {
-	raw, tooLarge := readBody(w, r, s.opts.MaxBodyBytes)
-	if tooLarge != nil {
-		return *tooLarge, false
+func (s *Sim) servePatch(x *exchange) {
+	if x.tooLarge {
+		x.resp = response{status: http.StatusRequestEntityTooLarge, body: bodyTooLarge}
+		return
 	}
-	ifMatch := r.Header.Get("If-Match")
-	if ifMatch == "" {
-		return response{status: http.StatusPreconditionRequired, body: bodyIfMatchRequired}, false
+	if x.rec.IfMatch == "" {
+		x.resp = response{status: http.StatusPreconditionRequired, body: bodyIfMatchRequired}
+		return
 	}
-	fields, invalid := parseFields(raw, id)
+	fields, invalid := parseFields(x.body, x.id)
 
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	res := s.resources[id]
+	res := s.resources[x.id]
 	if res == nil {
-		return response{status: http.StatusNotFound, body: bodyNotFound}, false
+		x.resp = response{status: http.StatusNotFound, body: bodyNotFound}
+		return
 	}
-	if res.etag != ifMatch {
-		return conflictResponse(s.opts.ConflictStatus, "etag mismatch", res.etag), true
+	if x.resp, x.conflict = s.ifMatchFails(res, x.rec.IfMatch); x.conflict {
+		return
 	}
 	if invalid != nil {
-		return *invalid, false
+		x.resp = *invalid
+		return
 	}
-	etag := s.commitLocked(id, merge(res.fields, fields), writerAPI, http.MethodPatch)
-	return response{status: http.StatusOK, etag: etag, body: res.body}, false
+	v := s.commitLocked(x.id, merge(res.fields, fields), fields, writerAPI, http.MethodPatch)
+	x.committed = &v
+	x.resp = response{status: http.StatusOK, etag: v.ETag, body: res.body, item: true}
 }
 
 // servePut creates the resource (If-None-Match: *) or replaces all its fields (If-Match).
-func (s *Sim) servePut(w http.ResponseWriter, r *http.Request, id string) (response, bool) {
-	raw, tooLarge := readBody(w, r, s.opts.MaxBodyBytes)
-	if tooLarge != nil {
-		return *tooLarge, false
+func (s *Sim) servePut(x *exchange) {
+	if x.tooLarge {
+		x.resp = response{status: http.StatusRequestEntityTooLarge, body: bodyTooLarge}
+		return
 	}
-	create := r.Header.Get("If-None-Match") == "*"
-	ifMatch := r.Header.Get("If-Match")
-	if !create && ifMatch == "" {
-		return response{status: http.StatusPreconditionRequired, body: bodyIfMatchRequired}, false
+	create := x.rec.IfNoneMatch == "*"
+	if !create && x.rec.IfMatch == "" {
+		x.resp = response{status: http.StatusPreconditionRequired, body: bodyIfMatchRequired}
+		return
 	}
 	// PUT replaces: a null is stored as a value, not treated as a removal.
-	fields, invalid := parseFields(raw, id)
+	fields, invalid := parseFields(x.body, x.id)
 
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	res := s.resources[id]
-	if create {
-		if res != nil {
-			return conflictResponse(http.StatusPreconditionFailed, "resource exists", res.etag), true
+	res := s.resources[x.id]
+	status := http.StatusOK
+	switch {
+	case create && res != nil:
+		x.resp, x.conflict = conflictResponse(http.StatusPreconditionFailed, "resource exists", res.etag), true
+		return
+	case create:
+		status = http.StatusCreated
+	case res == nil:
+		x.resp = response{status: http.StatusNotFound, body: bodyNotFound}
+		return
+	default:
+		if x.resp, x.conflict = s.ifMatchFails(res, x.rec.IfMatch); x.conflict {
+			return
 		}
-		if invalid != nil {
-			return *invalid, false
-		}
-		etag := s.commitLocked(id, fields, writerAPI, http.MethodPut)
-		return response{status: http.StatusCreated, etag: etag, body: s.resources[id].body}, false
-	}
-	if res == nil {
-		return response{status: http.StatusNotFound, body: bodyNotFound}, false
-	}
-	if res.etag != ifMatch {
-		return conflictResponse(s.opts.ConflictStatus, "etag mismatch", res.etag), true
 	}
 	if invalid != nil {
-		return *invalid, false
+		x.resp = *invalid
+		return
 	}
-	etag := s.commitLocked(id, fields, writerAPI, http.MethodPut)
-	return response{status: http.StatusOK, etag: etag, body: res.body}, false
+	v := s.commitLocked(x.id, fields, fields, writerAPI, http.MethodPut)
+	x.committed = &v
+	x.resp = response{status: status, etag: v.ETag, body: s.resources[x.id].body, item: true}
 }
 
-func (s *Sim) serveDelete(id, ifMatch string) (response, bool) {
-	if ifMatch == "" {
-		return response{status: http.StatusPreconditionRequired, body: bodyIfMatchRequired}, false
+func (s *Sim) serveDelete(x *exchange) {
+	if x.rec.IfMatch == "" {
+		x.resp = response{status: http.StatusPreconditionRequired, body: bodyIfMatchRequired}
+		return
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	res := s.resources[id]
+	res := s.resources[x.id]
 	if res == nil {
-		return response{status: http.StatusNotFound, body: bodyNotFound}, false
+		x.resp = response{status: http.StatusNotFound, body: bodyNotFound}
+		return
 	}
-	if res.etag != ifMatch {
-		return conflictResponse(s.opts.ConflictStatus, "etag mismatch", res.etag), true
+	if x.resp, x.conflict = s.ifMatchFails(res, x.rec.IfMatch); x.conflict {
+		return
 	}
-	s.deleteLocked(id, writerAPI)
-	return response{status: http.StatusNoContent}, false
+	v := s.deleteLocked(x.id, writerAPI)
+	x.committed = &v
+	x.resp = response{status: http.StatusNoContent}
 }
 
 // batchEntry is one resource found by a batch GET, copied out of the lock.
@@ -154,12 +204,14 @@ type batchEntry struct {
 	fields   map[string]any // immutable once stored
 }
 
-// serveBatchGet answers GET ItemPrefix?ids=a,b,c&fields=id,etag with the requested fields
-// of the resources that exist, in the requested order. Ids are split on "," after query
-// decoding, so an id containing a comma cannot be asked for in a batch. Repeated ids are
-// answered once. fields defaults to "id,etag"; other names select resource fields.
-func (s *Sim) serveBatchGet(r *http.Request) response {
-	q := r.URL.Query()
+// serveBatchGet answers GET ItemPrefix?ids=a,b,c&fields=id,etag,owner with the requested
+// fields of the resources that exist, in the requested order. Ids are split on "," after
+// query decoding, so an id containing a comma cannot be asked for in a batch. Repeated ids
+// are answered once. In fields, "id" and "etag" name the id and the current ETag and other
+// names select resource fields (absent from an item that lacks them); without fields, or
+// with "*" among them, each item is its whole representation plus "id" and "etag" (the
+// ETag wins over a resource field named "etag").
+func (s *Sim) serveBatchGet(q url.Values, mb *misbehavior) response {
 	idsParam, ok := q["ids"]
 	if !ok {
 		return response{status: http.StatusBadRequest, body: bodyIDsRequired}
@@ -175,9 +227,18 @@ func (s *Sim) serveBatchGet(r *http.Request) response {
 	if len(ids) > maxBatchIDs {
 		return response{status: http.StatusBadRequest, body: errorBody(fmt.Sprintf("too many ids: %d > %d", len(ids), maxBatchIDs))}
 	}
-	want := []string{"id", "etag"}
+	var want []string // nil: the whole representation
 	if f := q.Get("fields"); f != "" {
-		want = strings.Split(f, ",")
+		for name := range strings.SplitSeq(f, ",") {
+			name = strings.TrimSpace(name)
+			if name == "*" {
+				want = nil
+				break
+			}
+			if name != "" {
+				want = append(want, name)
+			}
+		}
 	}
 
 	found := make([]batchEntry, 0, len(ids))
@@ -194,6 +255,18 @@ func (s *Sim) serveBatchGet(r *http.Request) response {
 
 	out := make([]map[string]any, len(found))
 	for i, e := range found {
+		if want == nil {
+			m := make(map[string]any, len(e.fields)+2)
+			for k, v := range e.fields {
+				m[k] = v
+			}
+			m["id"], m["etag"] = e.id, e.etag
+			if mb.HugeNumberField != "" && mb.appliesTo(e.id) {
+				m[mb.HugeNumberField] = json.Number(HugeNumber)
+			}
+			out[i] = m
+			continue
+		}
 		m := make(map[string]any, len(want))
 		for _, name := range want {
 			switch name {
@@ -201,6 +274,12 @@ func (s *Sim) serveBatchGet(r *http.Request) response {
 				m["id"] = e.id
 			case "etag":
 				m["etag"] = e.etag
+			case mb.HugeNumberField:
+				if mb.appliesTo(e.id) {
+					m[name] = json.Number(HugeNumber)
+				} else if v, ok := e.fields[name]; ok {
+					m[name] = v
+				}
 			default:
 				if v, ok := e.fields[name]; ok {
 					m[name] = v
@@ -216,17 +295,15 @@ func (s *Sim) serveBatchGet(r *http.Request) response {
 	return response{status: http.StatusOK, body: body}
 }
 
-// readBody reads the request body up to limit; a larger body yields a 413 response.
-func readBody(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, *response) {
+// readBody reads the request body up to limit; tooLarge reports a larger body.
+func readBody(w http.ResponseWriter, r *http.Request, limit int64) (raw []byte, tooLarge bool) {
 	raw, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
 	if err != nil {
-		if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
-			return nil, &response{status: http.StatusRequestEntityTooLarge, body: bodyTooLarge}
-		}
+		_, tooLarge = errors.AsType[*http.MaxBytesError](err)
 		// A broken body is reported as a malformed one by parseFields.
-		return nil, nil
+		return nil, tooLarge
 	}
-	return raw, nil
+	return raw, false
 }
 
 // parseFields decodes a JSON object body and validates it against the path id. The

@@ -53,5 +53,5 @@ func (s *Sim) otherUserEdit(fields []string) {
 	field := fields[s.rng.IntN(len(fields))]
 	s.editSeq++
 	patch := map[string]any{field: "user-edit-" + strconv.FormatUint(s.editSeq, 10)}
-	s.commitLocked(id, merge(s.resources[id].fields, patch), writerOtherUser, "PATCH")
+	s.commitLocked(id, merge(s.resources[id].fields, patch), patch, writerOtherUser, "PATCH")
 }

@@ -2,10 +2,13 @@ package remotesim
 
 import "time"
 
-// Request is one API request as the Sim saw it. Requests to /_sim/ are not recorded.
+// Request is one API request as the Sim saw it: a single HTTP request, a $batch POST, or
+// one item of a $batch (logged after its POST, in the order the items were run). Requests
+// to /_sim/ are not recorded.
 type Request struct {
 	Method string `json:"method"`
-	// Path is the escaped request path.
+	// Path is the escaped request path (of a $batch item: its url as an absolute path,
+	// without the query).
 	Path string `json:"path"`
 	// ID is the decoded resource id of an item request; empty otherwise.
 	ID             string `json:"id"`
@@ -15,23 +18,39 @@ type Request struct {
 	// Authorization is "present" if the request carried an Authorization header, else
 	// empty. The value itself is never kept.
 	Authorization string `json:"authorization"`
-	// Status is the status sent; 0 for a reset connection, 499 if the client went away
-	// during Latency (nothing is sent then).
+	// Status is the status sent; 0 for a reset connection (also after a commit), 499 if
+	// the client went away during Latency (nothing is sent then).
 	Status int `json:"status"`
-	// Fault is the injected fault: "", "error", "ratelimit" or "reset".
+	// Fault is the injected fault: "", "error", "ratelimit", "reset", "drop-after-commit",
+	// or for a $batch item "missing" (left out of the answer unprocessed) or
+	// "missing-applied" (processed, then left out). An item without an answer has Status 0.
 	Fault string `json:"fault"`
+	// Committed reports that the request changed state: its version is in History, whether
+	// or not its answer reached the client.
+	Committed bool `json:"committed"`
 	// Start is when the request arrived; End is when its response was written (or the
 	// connection reset), so End-Start includes Latency.
 	Start time.Time `json:"start"`
 	End   time.Time `json:"end"`
 	// Replayed marks a response replayed from the idempotency cache.
 	Replayed bool `json:"replayed"`
+	// Batch numbers the $batch POST (1, 2, …) on the POST itself and on each of its items;
+	// 0 for single requests.
+	Batch int64 `json:"batch"`
+	// BatchItem is the "id" of a $batch item; empty for the POST and single requests.
+	BatchItem string `json:"batch_item"`
 }
 
-// Stats counts API requests since New or Reset. Requests to /_sim/ are not counted.
+// Stats counts API requests since New or Reset. Requests to /_sim/ are not counted. A
+// $batch item is counted like the same single request in every counter but Requests.
 type Stats struct {
-	// Requests counts every API request, including faulted ones and unknown paths.
+	// Requests counts every HTTP request to the API, including faulted ones, unknown paths
+	// and $batch POSTs (once each, whatever they hold): the requests a client paid for.
 	Requests int `json:"requests"`
+	// BatchPosts counts $batch POSTs that reached the batch logic (not faulted as a whole);
+	// BatchItems counts the items run inside them.
+	BatchPosts int `json:"batch_posts"`
+	BatchItems int `json:"batch_items"`
 	// Gets, BatchGets, Patches, Puts and Deletes count requests of that kind that reached
 	// the resource logic, whatever their status: faulted and replayed requests are not
 	// included. Puts includes creates.
@@ -47,13 +66,21 @@ type Stats struct {
 	Conflicts int `json:"conflicts"`
 	// PreconditionRequired counts writes refused for lack of If-Match (428).
 	PreconditionRequired int `json:"precondition_required"`
-	// Faults counts requests answered by an injected fault.
+	// NotModified counts GETs answered 304 because If-None-Match matched.
+	NotModified int `json:"not_modified"`
+	// Faults counts requests with an injected fault: answered by the fault (error, rate
+	// limit), reset, or dropped after their commit.
 	Faults int `json:"faults"`
+	// DroppedAfterCommit counts writes that changed state and then had their connection
+	// reset without an answer (DropAfterCommitRate). They are also counted in Faults and in
+	// their kind (Patches, Puts, Deletes).
+	DroppedAfterCommit int `json:"dropped_after_commit"`
 	// Replays counts responses replayed from the idempotency cache.
 	Replays int `json:"replays"`
 	// MaxInFlightPerResource is the most requests ever in progress at once for a single
-	// resource, counted from routing until the handler returns (Latency included). 1 proves
-	// a client never overlapped requests to one resource.
+	// resource, counted from routing until the handler returns (Latency included); a $batch
+	// item counts from the moment its batch is read until the item is done. 1 proves a
+	// client never overlapped requests to one resource.
 	MaxInFlightPerResource int `json:"max_in_flight_per_resource"`
 }
 

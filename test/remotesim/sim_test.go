@@ -97,13 +97,6 @@ func TestGet(t *testing.T) {
 	require.Equal(t, etag, res.header.Get("ETag"))
 	require.JSONEq(t, `{"id":"a","owner":"crm","n":1}`, res.body)
 
-	t.Run("If-None-Match current is 304", func(t *testing.T) {
-		t.Parallel()
-		res := b.do(t, http.MethodGet, itemPath("a"), "", "If-None-Match", etag)
-		require.Equal(t, http.StatusNotModified, res.status)
-		require.Equal(t, etag, res.header.Get("ETag"))
-		require.Empty(t, res.body)
-	})
 	t.Run("If-None-Match stale is 200", func(t *testing.T) {
 		t.Parallel()
 		res := b.do(t, http.MethodGet, itemPath("a"), "", "If-None-Match", `"0-stale"`)
@@ -115,6 +108,49 @@ func TestGet(t *testing.T) {
 		require.Equal(t, http.StatusNotFound, res.status)
 		require.JSONEq(t, `{"error":"not found"}`, res.body)
 	})
+}
+
+func TestGetIfNoneMatch(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name        string
+		weak        bool
+		ifNoneMatch func(etag string) string
+		wantStatus  int
+	}{
+		{"current ETag is 304", false, func(e string) string { return e }, http.StatusNotModified},
+		{"star is 304", false, func(string) string { return "*" }, http.StatusNotModified},
+		{"list holding the current ETag is 304", false, func(e string) string { return `"0-a", ` + e + `,"0-b"` }, http.StatusNotModified},
+		{"weak form of a strong ETag is 304 (weak comparison)", false, func(e string) string { return "W/" + e }, http.StatusNotModified},
+		{"weak ETag echoed is 304", true, func(e string) string { return e }, http.StatusNotModified},
+		{"strong form of a weak ETag is 304 (weak comparison)", true, func(e string) string { return strings.TrimPrefix(e, "W/") }, http.StatusNotModified},
+		{"stale ETag is 200", false, func(string) string { return `"0-stale"` }, http.StatusOK},
+		{"list of stale ETags is 200", false, func(string) string { return `"0-a", W/"0-b"` }, http.StatusOK},
+		{"unquoted is 200", false, func(e string) string { return strings.Trim(e, `"`) }, http.StatusOK},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			b := setup(t, remotesim.Options{WeakETags: tt.weak})
+			etag := b.sim.Put("a", map[string]any{"owner": "crm"})
+
+			res := b.do(t, http.MethodGet, itemPath("a"), "", "If-None-Match", tt.ifNoneMatch(etag))
+			require.Equal(t, tt.wantStatus, res.status)
+			require.Equal(t, etag, res.header.Get("ETag"))
+			st := b.sim.Stats()
+			require.Equal(t, 1, st.Gets)
+			if tt.wantStatus == http.StatusNotModified {
+				require.Empty(t, res.body)
+				require.Equal(t, 1, st.NotModified, "Stats.NotModified: got %d; want 1", st.NotModified)
+			} else {
+				require.JSONEq(t, `{"id":"a","owner":"crm"}`, res.body)
+				require.Equal(t, 0, st.NotModified, "Stats.NotModified: got %d; want 0", st.NotModified)
+			}
+			reqs := b.sim.Requests()
+			require.Len(t, reqs, 1)
+			require.Equal(t, tt.wantStatus, reqs[0].Status)
+		})
+	}
 }
 
 func TestPatchWithoutIfMatchIs428(t *testing.T) {
@@ -335,11 +371,11 @@ func TestBatchETags(t *testing.T) {
 		}
 		require.Equal(t, want, res.json(t))
 	})
-	t.Run("fields defaults to id and etag", func(t *testing.T) {
+	t.Run("fields=id,etag is exactly id and etag", func(t *testing.T) {
 		t.Parallel()
-		res := b.do(t, http.MethodGet, "/assignments?ids=b", "")
+		res := b.do(t, http.MethodGet, "/assignments?ids=b&fields=id,etag", "")
 		require.Equal(t, http.StatusOK, res.status)
-		require.Equal(t, []any{map[string]any{"id": "b", "etag": etags["b"]}}, res.json(t))
+		require.JSONEq(t, fmt.Sprintf(`[{"id":"b","etag":%q}]`, etags["b"]), res.body)
 	})
 	t.Run("nothing found is an empty array", func(t *testing.T) {
 		t.Parallel()
@@ -365,6 +401,40 @@ func TestBatchETags(t *testing.T) {
 		require.Equal(t, http.StatusBadRequest, res.status)
 		require.JSONEq(t, `{"error":"ids required"}`, res.body)
 	})
+}
+
+func TestBatchETagsHonourFields(t *testing.T) {
+	t.Parallel()
+	b := setup(t, remotesim.Options{ItemPrefix: "/assignments"})
+	ea := b.sim.Put("a", map[string]any{"owner": "crm", "region": "emea", "status": "new", "etag": "a field"})
+	eb := b.sim.Put("b", map[string]any{"owner": "bob", "n": 1.5})
+	whole := []any{
+		map[string]any{"id": "a", "etag": ea, "owner": "crm", "region": "emea", "status": "new"},
+		map[string]any{"id": "b", "etag": eb, "owner": "bob", "n": 1.5},
+	}
+	tests := []struct {
+		name, query string
+		want        any
+	}{
+		{"named fields, absent ones left out", "ids=a,b&fields=id,etag,owner,region", []any{
+			map[string]any{"id": "a", "etag": ea, "owner": "crm", "region": "emea"},
+			map[string]any{"id": "b", "etag": eb, "owner": "bob"},
+		}},
+		{"unknown fields are absent", "ids=a&fields=id,etag,nope", []any{map[string]any{"id": "a", "etag": ea}}},
+		{"spaces around names", "ids=a&fields=etag,+owner+", []any{map[string]any{"etag": ea, "owner": "crm"}}},
+		{"fields absent is the whole representation", "ids=a,b", whole},
+		{"fields=* is the whole representation", "ids=a,b&fields=*", whole},
+		{"* among names is the whole representation", "ids=a,b&fields=owner,*", whole},
+		{"fields empty is the whole representation", "ids=a,b&fields=", whole},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			res := b.do(t, http.MethodGet, "/assignments?"+tt.query, "")
+			require.Equal(t, http.StatusOK, res.status)
+			require.Equal(t, tt.want, res.json(t), "got %s", res.body)
+		})
+	}
 }
 
 func TestBatchGetCountsOnce(t *testing.T) {

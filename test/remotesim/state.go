@@ -15,6 +15,11 @@ type Version struct {
 	ETag string `json:"etag"`
 	// Fields are the resource's fields (without "id"); nil for a deletion.
 	Fields map[string]any `json:"fields"`
+	// Written are the fields this write set, as sent: the PATCH body (a nil value removed
+	// the field), the whole PUT body, the fields given to Put or Edit, or the one field
+	// StartOtherUsers changed; nil for a deletion. Tests use it to check that a value was
+	// written at most once and that no one's edit was reverted.
+	Written map[string]any `json:"written"`
 	// Writer is who made the change: "api" for HTTP requests, "seed" for Put and Delete,
 	// the writer given to Edit ("other-user" for StartOtherUsers).
 	Writer string `json:"writer"`
@@ -43,7 +48,7 @@ func (s *Sim) Put(id string, fields map[string]any) (etag string) {
 	fields = normalize("Put", id, fields)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.commitLocked(id, fields, writerSeed, "PUT")
+	return s.commitLocked(id, fields, fields, writerSeed, "PUT").ETag
 }
 
 // Get returns a copy of the current fields of resource id (without "id") and its ETag; ok is
@@ -73,7 +78,7 @@ func (s *Sim) Edit(id string, fields map[string]any, writer string) (etag string
 	if res == nil {
 		return "", false
 	}
-	return s.commitLocked(id, merge(res.fields, fields), writer, "PATCH"), true
+	return s.commitLocked(id, merge(res.fields, fields), fields, writer, "PATCH").ETag, true
 }
 
 // Delete removes resource id, if it exists, recording a deleted version with writer "seed".
@@ -103,12 +108,14 @@ func (s *Sim) History(id string) []Version {
 	s.mu.Unlock()
 	for i := range versions {
 		versions[i].Fields = deepCopyMap(versions[i].Fields)
+		versions[i].Written = deepCopyMap(versions[i].Written)
 	}
 	return versions
 }
 
 // Reset clears resources, history, the request log, the idempotency cache and Stats. ETags
-// issued after a Reset still never repeat earlier ones. Fault settings are kept.
+// issued after a Reset still never repeat earlier ones, nor do $batch numbers. Faults,
+// Hooks and Misbehavior are kept.
 func (s *Sim) Reset() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -122,11 +129,12 @@ func (s *Sim) Reset() {
 }
 
 // commitLocked stores fields as the new state of id, issues its ETag and records the
-// version. fields must not be mutated afterwards.
-func (s *Sim) commitLocked(id string, fields map[string]any, writer, method string) string {
+// version, which it returns; written is what the write itself set. Neither map may be
+// mutated afterwards.
+func (s *Sim) commitLocked(id string, fields, written map[string]any, writer, method string) Version {
 	body := encodeItem(id, fields)
 	s.etagSeq++
-	etag := s.makeETag(s.etagSeq, body)
+	etag := s.makeETag(s.etagSeq, body, s.mb.InvalidUTF8ETags && s.mb.appliesTo(id))
 	res := s.resources[id]
 	if res == nil {
 		res = &resource{idx: len(s.ids)}
@@ -134,12 +142,13 @@ func (s *Sim) commitLocked(id string, fields map[string]any, writer, method stri
 		s.ids = append(s.ids, id)
 	}
 	res.fields, res.etag, res.body = fields, etag, body
-	s.recordLocked(id, Version{ETag: etag, Fields: fields, Writer: writer, Method: method, At: time.Now()})
-	return etag
+	v := Version{ETag: etag, Fields: fields, Written: written, Writer: writer, Method: method, At: time.Now()}
+	s.recordLocked(id, v)
+	return v
 }
 
-// deleteLocked removes the existing resource id and records the deletion.
-func (s *Sim) deleteLocked(id, writer string) {
+// deleteLocked removes the existing resource id, records the deletion and returns it.
+func (s *Sim) deleteLocked(id, writer string) Version {
 	res := s.resources[id]
 	last := len(s.ids) - 1
 	moved := s.ids[last]
@@ -147,7 +156,9 @@ func (s *Sim) deleteLocked(id, writer string) {
 	s.resources[moved].idx = res.idx
 	s.ids = s.ids[:last]
 	delete(s.resources, id)
-	s.recordLocked(id, Version{Writer: writer, Method: "DELETE", At: time.Now(), Deleted: true})
+	v := Version{Writer: writer, Method: "DELETE", At: time.Now(), Deleted: true}
+	s.recordLocked(id, v)
+	return v
 }
 
 func (s *Sim) recordLocked(id string, v Version) {
@@ -159,8 +170,9 @@ func (s *Sim) recordLocked(id string, v Version) {
 }
 
 // makeETag builds "<seq>-<hash of body>": the counter makes ETags unique forever, the hash
-// makes them look like a real API's.
-func (s *Sim) makeETag(seq uint64, body []byte) string {
+// makes them look like a real API's. invalidUTF8 appends the bytes 0xFF 0xFE inside the
+// quotes (Misbehavior.InvalidUTF8ETags).
+func (s *Sim) makeETag(seq uint64, body []byte, invalidUTF8 bool) string {
 	h := fnv.New32a()
 	_, _ = h.Write(body) // hash.Hash never returns an error
 	b := make([]byte, 0, 32)
@@ -171,6 +183,9 @@ func (s *Sim) makeETag(seq uint64, body []byte) string {
 	b = strconv.AppendUint(b, seq, 10)
 	b = append(b, '-')
 	b = fmt.Appendf(b, "%08x", h.Sum32())
+	if invalidUTF8 {
+		b = append(b, 0xff, 0xfe)
+	}
 	b = append(b, '"')
 	return string(b)
 }
