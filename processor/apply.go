@@ -384,9 +384,12 @@ func (a *applier) delete(ctx context.Context, rr *resourceRun, seg []openChange)
 		rr.setState(st)
 	}
 	for round := 0; ; round++ {
+		// No Idempotency-Key: with one, Go's transport would resend a
+		// bodiless DELETE on its own after a failed connection, and its
+		// If-Match already makes a second copy harmless and visible.
 		resp := a.do(ctx, request{
 			method: http.MethodDelete, resourceID: rr.id, url: a.r.itemURL(rr.id), changeIDs: changeIDs(seg),
-			ifMatch: st.etag, idemKey: true,
+			ifMatch: st.etag,
 		})
 		a.count(rr, seg, resp, nil)
 		switch {

@@ -174,11 +174,30 @@ func (r *remote) send(ctx context.Context, req request) response {
 	defer cancel()
 	// Once the headers are written the remote may act on the request, so a
 	// failure after that point leaves its outcome unknown.
-	var wrote atomic.Bool
-	rctx = httptrace.WithClientTrace(rctx, &httptrace.ClientTrace{WroteHeaders: func() { wrote.Store(true) }})
+	var wrote, answered atomic.Bool
+	rctx = httptrace.WithClientTrace(rctx, &httptrace.ClientTrace{
+		WroteHeaders:         func() { wrote.Store(true) },
+		GotFirstResponseByte: func() { answered.Store(true) },
+	})
 	hreq, err := http.NewRequestWithContext(rctx, req.method, req.url, body)
 	if err != nil {
 		return r.failed(req, time.Now(), fmt.Errorf("build request: %w", err), false)
+	}
+	if body != nil {
+		// Go's transport resends a request carrying an Idempotency-Key on
+		// its own when a reused connection fails before the answer: the
+		// remote may then apply it twice, or answer the second copy with a
+		// conflict that hides that the first landed. A copy is allowed
+		// only if nothing was sent yet; otherwise the outcome is unknown,
+		// and stagesync resolves it. (An answer that came, such as a
+		// redirect, may rewind the body: it is recorded, not followed.)
+		payload := req.payload
+		hreq.GetBody = func() (io.ReadCloser, error) {
+			if wrote.Load() && !answered.Load() {
+				return nil, errNotResent
+			}
+			return io.NopCloser(bytes.NewReader(payload)), nil
+		}
 	}
 	hreq.Header.Set("Accept", "application/json")
 	if body != nil {
@@ -234,6 +253,9 @@ func (r *remote) send(ctx context.Context, req request) response {
 	resp.attempt = r.attempt(req, start, hresp.StatusCode, resp.etag, r.classify(req.method, hresp.StatusCode), text)
 	return resp
 }
+
+// errNotResent ends a request whose connection failed after it was sent.
+var errNotResent = errors.New("the connection failed after the request was sent (not resent automatically)")
 
 // maxResponseBody bounds what is read of one answer.
 const maxResponseBody = 8 << 20

@@ -23,20 +23,18 @@ func (h *harness) outcomeDetail(id int64) string {
 }
 
 // fieldWrites is the sequence of numeric values the remote's API writes
-// gave field: a write counts when it changed the field's value (the sim's
-// history holds whole representations).
+// set field to (Version.Written: what each request's body carried).
 func (h *harness) fieldWrites(id, field string) []float64 {
 	h.t.Helper()
 	var out []float64
-	var prev any
-	for _, v := range h.sim.History(id) {
-		cur, ok := v.Fields[field]
-		if v.Writer == "api" && ok && cur != prev {
-			n, isNum := cur.(float64)
-			require.True(h.t, isNum, "resource %q: field %q is %T; want a number", id, field, cur)
-			out = append(out, n)
+	for _, v := range h.apiVersions(id) {
+		val, ok := v.Written[field]
+		if !ok {
+			continue
 		}
-		prev = cur
+		n, isNum := val.(float64)
+		require.True(h.t, isNum, "resource %q: field %q written as %T; want a number", id, field, val)
+		out = append(out, n)
 	}
 	return out
 }

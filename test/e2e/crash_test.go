@@ -183,9 +183,9 @@ func stageLate(ctx context.Context, h *harness, rng *rand.Rand, ids, fields []st
 }
 
 // requireWrittenOnceInOrder checks a resource's history: each API write
-// sets values of changes (never a value the field held before: no
-// duplicate, no revert) and, per field, of increasing change ids. It
-// returns the number of API writes.
+// sets values of changes (Version.Written), never a value the field held
+// before (no duplicate, no revert) and, per field, values of increasing
+// change ids. It returns the number of API writes.
 func requireWrittenOnceInOrder(t *testing.T, h *harness, id string, fields []string, valueOf map[string]int64) int {
 	t.Helper()
 	held := map[string]map[any]bool{} // field → every value it ever held
@@ -196,9 +196,9 @@ func requireWrittenOnceInOrder(t *testing.T, h *harness, id string, fields []str
 		if v.Writer == "api" && !v.Deleted {
 			writes++
 			for _, f := range fields {
-				val, ok := v.Fields[f]
-				if !ok || prev != nil && prev[f] == val {
-					continue // not set by this write
+				val, ok := v.Written[f]
+				if !ok {
+					continue
 				}
 				s, _ := val.(string)
 				cid, ours := valueOf[s]
