@@ -18,7 +18,8 @@ import (
 
 // The promise, under everything at once: two `stagesync run` processes,
 // repeated kill -9 of either, pg_terminate_backend of their database
-// sessions, people editing the same fields in the remote, and upstream
+// sessions, a remote that drops 2% of connections after committing the
+// write, people editing the same fields in the remote, and upstream
 // transactions that commit late (out of id order). Every change carries a
 // value used nowhere else, so the remote's history shows exactly which
 // change each write carried. Afterwards:
@@ -37,7 +38,7 @@ func TestExactlyOnceInOrderAcrossCrashes(t *testing.T) {
 	if testing.Short() {
 		t.Skip("kills and restarts processes for half a minute")
 	}
-	h := newHarness(t, remotesim.Options{Latency: 5 * time.Millisecond, ConflictStatus: 412, Seed: 11})
+	h := newHarness(t, remotesim.Options{Latency: 5 * time.Millisecond, ConflictStatus: 412, DropAfterCommitRate: 0.02, Seed: 11})
 	ids := resourceIDs("crash", 60)
 	fields := []string{"status", "owner", "region"}
 	h.seed(ids, map[string]any{"status": "s0", "owner": "o0", "region": "r0"})
