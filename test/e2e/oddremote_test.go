@@ -153,3 +153,22 @@ func TestOddRemotesGetClearWords(t *testing.T) {
 		})
 	}
 }
+
+// An answer too large to keep (over 256 KiB) is not stored as the merge
+// base: the base is unknown, the attempts row says why, and the change is
+// applied.
+func TestHugeAnswersAreNotStoredAsTheMergeBase(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, remotesim.Options{})
+	h.sim.Put("acct", map[string]any{"status": "open"})
+	h.sim.SetMisbehavior(remotesim.Misbehavior{IDs: []string{"acct"}, PadBodyBytes: 300 << 10})
+	h.startProcessor(configYAML(nil, map[string]string{"batch_etag_path": ""}))
+	ids := h.insert(change{resource: "acct", fields: map[string]any{"status": "won"}})
+	h.waitDrained(30 * time.Second)
+	require.Equal(t, "applied", h.changes(ids)[ids[0]].status)
+	var stored bool
+	require.NoError(t, h.pool.QueryRow(context.Background(), `SELECT snapshot IS NOT NULL FROM stagesync.resources WHERE resource_id = 'acct'`).Scan(&stored))
+	require.False(t, stored, "snapshot stored: got true; want false (the answer is over the cap)")
+	n := h.count(`SELECT count(*) FROM stagesync.attempts WHERE method = 'PATCH' AND error LIKE '%over the 256 KiB stagesync keeps as a merge base%'`)
+	require.Equal(t, 1, n, "PATCH attempts noting the size: got %d; want 1", n)
+}
