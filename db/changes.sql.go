@@ -98,7 +98,7 @@ func (q *Queries) ChangesGiveUp(ctx context.Context, db DBTX, arg ChangesGiveUpP
 }
 
 const changesListOpen = `-- name: ChangesListOpen :many
-SELECT id, resource_id, op, fields, attempts
+SELECT id, resource_id, op, fields, attempts, created_at
 FROM stagesync.changes
 WHERE target = $1
   AND resource_id = ANY ($2::text[])
@@ -114,11 +114,12 @@ type ChangesListOpenParams struct {
 }
 
 type ChangesListOpenRow struct {
-	ID         int64  `json:"id"`
-	ResourceID string `json:"resource_id"`
-	Op         string `json:"op"`
-	Fields     []byte `json:"fields"`
-	Attempts   int32  `json:"attempts"`
+	ID         int64     `json:"id"`
+	ResourceID string    `json:"resource_id"`
+	Op         string    `json:"op"`
+	Fields     []byte    `json:"fields"`
+	Attempts   int32     `json:"attempts"`
+	CreatedAt  time.Time `json:"created_at"`
 }
 
 // The open changes of the locked resources, in the order they must apply,
@@ -140,6 +141,7 @@ func (q *Queries) ChangesListOpen(ctx context.Context, db DBTX, arg ChangesListO
 			&i.Op,
 			&i.Fields,
 			&i.Attempts,
+			&i.CreatedAt,
 		); err != nil {
 			return nil, err
 		}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"path/filepath"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -31,21 +32,54 @@ type MigrationState struct {
 // current database is a no-op. Concurrent calls (several processes starting
 // at once) take turns: see withMigrationLock.
 func Migrate(ctx context.Context, pool *pgxpool.Pool, logger *slog.Logger) error {
-	return withMigrationLock(ctx, pool, func() error {
+	_, err := MigrateUp(ctx, pool, logger)
+	return err
+}
+
+// MigrateResult says what one MigrateUp applied and where each schema stands.
+type MigrateResult struct {
+	// Applied lists the migrations this call applied, River's first, in
+	// order; empty when the schema was already current.
+	Applied []MigrationState
+	// RiverVersion and StagesyncVersion are the newest migration versions
+	// this binary knows, which the database is now at.
+	RiverVersion, StagesyncVersion int64
+}
+
+// MigrateUp is Migrate that also reports what it applied, for `stagesync
+// migrate up` to say so.
+func MigrateUp(ctx context.Context, pool *pgxpool.Pool, logger *slog.Logger) (MigrateResult, error) {
+	var res MigrateResult
+	err := withMigrationLock(ctx, pool, func() error {
 		rm, err := rivermigrate.New(riverpgxv5.New(pool), &rivermigrate.Config{Logger: quiet(logger)})
 		if err != nil {
 			return fmt.Errorf("create river migrator: %w", err)
 		}
-		if _, err := rm.Migrate(ctx, rivermigrate.DirectionUp, nil); err != nil {
+		rr, err := rm.Migrate(ctx, rivermigrate.DirectionUp, nil)
+		if err != nil {
 			return fmt.Errorf("apply river migrations: %w", err)
 		}
+		for _, v := range rr.Versions {
+			res.Applied = append(res.Applied, MigrationState{Component: "river", Version: int64(v.Version), Name: v.Name, Applied: true})
+		}
+		for _, v := range rm.AllVersions() {
+			res.RiverVersion = max(res.RiverVersion, int64(v.Version))
+		}
 		return withProvider(pool, func(p *goose.Provider) error {
-			if _, err := p.Up(ctx); err != nil {
+			results, err := p.Up(ctx)
+			if err != nil {
 				return fmt.Errorf("apply stagesync migrations: %w", err)
+			}
+			for _, r := range results {
+				res.Applied = append(res.Applied, MigrationState{Component: "stagesync", Version: r.Source.Version, Name: filepath.Base(r.Source.Path), Applied: true})
+			}
+			for _, src := range p.ListSources() {
+				res.StagesyncVersion = max(res.StagesyncVersion, src.Version)
 			}
 			return nil
 		})
 	})
+	return res, err
 }
 
 // MigrateDown removes stagesync's schema and then River's tables: the reverse

@@ -110,6 +110,10 @@ type Resource struct {
 	ETagRaw        []byte     `json:"etag_raw"`
 }
 
+type StagesyncHotResource struct {
+	HotResourcesSince interface{} `json:"hot_resources_since"`
+}
+
 type StagesyncOutbox struct {
 	ID             int64     `json:"id"`
 	Target         string    `json:"target"`

@@ -90,6 +90,26 @@ func (q *Queries) ChangesFinishedSince(ctx context.Context, db DBTX, since time.
 	return items, nil
 }
 
+const checkResourceID = `-- name: CheckResourceID :one
+SELECT coalesce(
+           (SELECT r.resource_id FROM stagesync.resources r
+            WHERE r.target = $1 AND NOT r.deleted AND r.etag IS NOT NULL
+            ORDER BY r.updated_at DESC LIMIT 1),
+           (SELECT c.resource_id FROM stagesync.changes c
+            WHERE c.target = $1 AND c.op <> 'create'
+            ORDER BY c.id DESC LIMIT 1),
+           '')::text AS resource_id
+`
+
+// A resource id `check` can GET: the target's most recently stored
+// resource, else its latest staged change's; empty when there is none.
+func (q *Queries) CheckResourceID(ctx context.Context, db DBTX, target string) (string, error) {
+	row := db.QueryRow(ctx, checkResourceID, target)
+	var resource_id string
+	err := row.Scan(&resource_id)
+	return resource_id, err
+}
+
 const statusBacklog = `-- name: StatusBacklog :many
 
 SELECT target, pending, processing,
@@ -135,4 +155,295 @@ func (q *Queries) StatusBacklog(ctx context.Context, db DBTX) ([]StatusBacklogRo
 		return nil, err
 	}
 	return items, nil
+}
+
+const statusHotResources = `-- name: StatusHotResources :many
+SELECT h.target::text AS target, h.resource_id::text AS resource_id,
+       h.requests::bigint AS requests, h.conflicts::bigint AS conflicts,
+       h.conflict_rate::float8 AS conflict_rate, h.merges::bigint AS merges,
+       h.needs_review::bigint AS needs_review,
+       coalesce(h.last_conflict_at, 'epoch'::timestamptz)::timestamptz AS last_conflict_at,
+       h.changed_fields::text[] AS changed_fields
+FROM stagesync.hot_resources_since($1::timestamptz, $2::integer)
+    AS h (target, resource_id, requests, conflicts, conflict_rate, merges, needs_review,
+          last_conflict_at, changed_fields)
+`
+
+type StatusHotResourcesParams struct {
+	Since   time.Time `json:"since"`
+	MaxRows int32     `json:"max_rows"`
+}
+
+type StatusHotResourcesRow struct {
+	Target         string    `json:"target"`
+	ResourceID     string    `json:"resource_id"`
+	Requests       int64     `json:"requests"`
+	Conflicts      int64     `json:"conflicts"`
+	ConflictRate   float64   `json:"conflict_rate"`
+	Merges         int64     `json:"merges"`
+	NeedsReview    int64     `json:"needs_review"`
+	LastConflictAt time.Time `json:"last_conflict_at"`
+	ChangedFields  []string  `json:"changed_fields"`
+}
+
+// The hottest resources since a time (stagesync.hot_resources_since).
+func (q *Queries) StatusHotResources(ctx context.Context, db DBTX, arg StatusHotResourcesParams) ([]StatusHotResourcesRow, error) {
+	rows, err := db.Query(ctx, statusHotResources, arg.Since, arg.MaxRows)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []StatusHotResourcesRow{}
+	for rows.Next() {
+		var i StatusHotResourcesRow
+		if err := rows.Scan(
+			&i.Target,
+			&i.ResourceID,
+			&i.Requests,
+			&i.Conflicts,
+			&i.ConflictRate,
+			&i.Merges,
+			&i.NeedsReview,
+			&i.LastConflictAt,
+			&i.ChangedFields,
+		); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
+}
+
+const statusProcesses = `-- name: StatusProcesses :many
+SELECT client_id, hostname, pid, targets, started_at, heartbeat_at
+FROM stagesync.processes
+ORDER BY hostname, pid, client_id
+`
+
+type StatusProcessesRow struct {
+	ClientID    string    `json:"client_id"`
+	Hostname    string    `json:"hostname"`
+	Pid         int32     `json:"pid"`
+	Targets     []string  `json:"targets"`
+	StartedAt   time.Time `json:"started_at"`
+	HeartbeatAt time.Time `json:"heartbeat_at"`
+}
+
+// The live `stagesync run` processes.
+func (q *Queries) StatusProcesses(ctx context.Context, db DBTX) ([]StatusProcessesRow, error) {
+	rows, err := db.Query(ctx, statusProcesses)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []StatusProcessesRow{}
+	for rows.Next() {
+		var i StatusProcessesRow
+		if err := rows.Scan(
+			&i.ClientID,
+			&i.Hostname,
+			&i.Pid,
+			&i.Targets,
+			&i.StartedAt,
+			&i.HeartbeatAt,
+		); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
+}
+
+const statusTargetAlerts = `-- name: StatusTargetAlerts :many
+SELECT name AS target, coalesce((settings #>> '{alert,conflict_rate}')::float8, 0)::float8 AS conflict_rate
+FROM stagesync.targets
+ORDER BY name
+`
+
+type StatusTargetAlertsRow struct {
+	Target       string  `json:"target"`
+	ConflictRate float64 `json:"conflict_rate"`
+}
+
+// Each target's conflict-rate alert threshold as its process registered it
+// (settings.alert.conflict_rate; 0 for a target registered before the key
+// existed).
+func (q *Queries) StatusTargetAlerts(ctx context.Context, db DBTX) ([]StatusTargetAlertsRow, error) {
+	rows, err := db.Query(ctx, statusTargetAlerts)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []StatusTargetAlertsRow{}
+	for rows.Next() {
+		var i StatusTargetAlertsRow
+		if err := rows.Scan(&i.Target, &i.ConflictRate); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
+}
+
+const statusTargetHealth = `-- name: StatusTargetHealth :many
+SELECT t.name AS target, t.paused_until, t.pause_reason,
+       h.client_id, p.hostname, p.pid, h.inflight_limit, h.concurrency, h.rate_share,
+       h.last_success_at, h.last_error_at, h.last_error, h.consecutive_failures,
+       h.updated_at
+FROM stagesync.targets t
+LEFT JOIN stagesync.target_health h ON h.target = t.name
+LEFT JOIN stagesync.processes p ON p.client_id = h.client_id
+ORDER BY t.name, p.hostname, p.pid, h.client_id
+`
+
+type StatusTargetHealthRow struct {
+	Target              string     `json:"target"`
+	PausedUntil         *time.Time `json:"paused_until"`
+	PauseReason         *string    `json:"pause_reason"`
+	ClientID            *string    `json:"client_id"`
+	Hostname            *string    `json:"hostname"`
+	Pid                 *int32     `json:"pid"`
+	InflightLimit       *int32     `json:"inflight_limit"`
+	Concurrency         *int32     `json:"concurrency"`
+	RateShare           *float64   `json:"rate_share"`
+	LastSuccessAt       *time.Time `json:"last_success_at"`
+	LastErrorAt         *time.Time `json:"last_error_at"`
+	LastError           *string    `json:"last_error"`
+	ConsecutiveFailures *int32     `json:"consecutive_failures"`
+	UpdatedAt           *time.Time `json:"updated_at"`
+}
+
+// Per target: its pause (throttling, for every process) and what each live
+// process sees of it (one target_health row per target and process; none
+// for a target no process serves).
+func (q *Queries) StatusTargetHealth(ctx context.Context, db DBTX) ([]StatusTargetHealthRow, error) {
+	rows, err := db.Query(ctx, statusTargetHealth)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []StatusTargetHealthRow{}
+	for rows.Next() {
+		var i StatusTargetHealthRow
+		if err := rows.Scan(
+			&i.Target,
+			&i.PausedUntil,
+			&i.PauseReason,
+			&i.ClientID,
+			&i.Hostname,
+			&i.Pid,
+			&i.InflightLimit,
+			&i.Concurrency,
+			&i.RateShare,
+			&i.LastSuccessAt,
+			&i.LastErrorAt,
+			&i.LastError,
+			&i.ConsecutiveFailures,
+			&i.UpdatedAt,
+		); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
+}
+
+const targetsRegistered = `-- name: TargetsRegistered :many
+SELECT name, base_url, item_path, update_method, settings
+FROM stagesync.targets
+ORDER BY name
+`
+
+type TargetsRegisteredRow struct {
+	Name         string `json:"name"`
+	BaseURL      string `json:"base_url"`
+	ItemPath     string `json:"item_path"`
+	UpdateMethod string `json:"update_method"`
+	Settings     []byte `json:"settings"`
+}
+
+// The registered targets as `targets sync` and `check` compare them with a
+// config.
+func (q *Queries) TargetsRegistered(ctx context.Context, db DBTX) ([]TargetsRegisteredRow, error) {
+	rows, err := db.Query(ctx, targetsRegistered)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []TargetsRegisteredRow{}
+	for rows.Next() {
+		var i TargetsRegisteredRow
+		if err := rows.Scan(
+			&i.Name,
+			&i.BaseURL,
+			&i.ItemPath,
+			&i.UpdateMethod,
+			&i.Settings,
+		); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
+}
+
+const watchBaseline = `-- name: WatchBaseline :one
+SELECT coalesce(
+           (SELECT min(o.id) FROM stagesync.changes o WHERE o.status IN ('pending', 'processing')),
+           (SELECT coalesce(max(a.id), 0) + 1 FROM stagesync.changes a))::bigint AS low_id,
+       now()::timestamptz AS since
+`
+
+type WatchBaselineRow struct {
+	LowID int64     `json:"low_id"`
+	Since time.Time `json:"since"`
+}
+
+// Where `status --watch` starts counting: every change open now has an id
+// >= low_id, and any change opened later (a late-committing insert, a
+// requeue) finishes after since. Run in the same snapshot as the first
+// WatchFinishedCount, whose count is the baseline subtracted later.
+func (q *Queries) WatchBaseline(ctx context.Context, db DBTX) (WatchBaselineRow, error) {
+	row := db.QueryRow(ctx, watchBaseline)
+	var i WatchBaselineRow
+	err := row.Scan(&i.LowID, &i.Since)
+	return i, err
+}
+
+const watchFinishedCount = `-- name: WatchFinishedCount :one
+SELECT count(*)::bigint AS n
+FROM stagesync.changes
+WHERE finished_at IS NOT NULL
+  AND (id >= $1::bigint OR finished_at >= $2::timestamptz)
+`
+
+type WatchFinishedCountParams struct {
+	LowID int64     `json:"low_id"`
+	Since time.Time `json:"since"`
+}
+
+// Finished changes that belong to the watch (see WatchBaseline). Unlike
+// finished_at >= start alone, this never misses a change whose recording
+// transaction began before the watch and committed after it (finished_at is
+// that transaction's start), so done + open never shrinks.
+func (q *Queries) WatchFinishedCount(ctx context.Context, db DBTX, arg WatchFinishedCountParams) (int64, error) {
+	row := db.QueryRow(ctx, watchFinishedCount, arg.LowID, arg.Since)
+	var n int64
+	err := row.Scan(&n)
+	return n, err
 }

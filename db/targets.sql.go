@@ -9,6 +9,33 @@ import (
 	"context"
 )
 
+const targetPause = `-- name: TargetPause :exec
+WITH paused AS (
+    UPDATE stagesync.targets
+    SET paused_until = clock_timestamp() + make_interval(secs => $1::float8),
+        pause_reason = $2::text
+    WHERE name = $3::text
+      AND (paused_until IS NULL
+           OR paused_until < clock_timestamp() + make_interval(secs => $1::float8))
+    RETURNING name
+)
+SELECT pg_notify('stagesync_coord', 'pause ' || name) FROM paused
+`
+
+type TargetPauseParams struct {
+	Seconds float64 `json:"seconds"`
+	Reason  string  `json:"reason"`
+	Name    string  `json:"name"`
+}
+
+// Pauses a target for every process: extends paused_until (never shortens
+// it) and notifies the other processes, which pause at once. The time is
+// the database's clock plus the delay, so hosts' clocks need not agree.
+func (q *Queries) TargetPause(ctx context.Context, db DBTX, arg TargetPauseParams) error {
+	_, err := db.Exec(ctx, targetPause, arg.Seconds, arg.Reason, arg.Name)
+	return err
+}
+
 const targetUpsert = `-- name: TargetUpsert :exec
 INSERT INTO stagesync.targets (name, base_url, item_path, update_method, settings)
 VALUES ($1, $2, $3, $4, $5)
@@ -38,4 +65,40 @@ func (q *Queries) TargetUpsert(ctx context.Context, db DBTX, arg TargetUpsertPar
 		arg.Settings,
 	)
 	return err
+}
+
+const targetsPaused = `-- name: TargetsPaused :many
+SELECT name, coalesce(pause_reason, '')::text AS pause_reason,
+       extract(epoch FROM paused_until - clock_timestamp())::float8 AS remaining_seconds
+FROM stagesync.targets
+WHERE name = ANY ($1::text[]) AND paused_until > clock_timestamp()
+ORDER BY name
+`
+
+type TargetsPausedRow struct {
+	Name             string  `json:"name"`
+	PauseReason      string  `json:"pause_reason"`
+	RemainingSeconds float64 `json:"remaining_seconds"`
+}
+
+// The targets paused right now, with how long they still are, measured on
+// the database's clock.
+func (q *Queries) TargetsPaused(ctx context.Context, db DBTX, names []string) ([]TargetsPausedRow, error) {
+	rows, err := db.Query(ctx, targetsPaused, names)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []TargetsPausedRow{}
+	for rows.Next() {
+		var i TargetsPausedRow
+		if err := rows.Scan(&i.Name, &i.PauseReason, &i.RemainingSeconds); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
 }

@@ -32,7 +32,8 @@ type openChange struct {
 	carried  []string
 	attempts int32
 	// detail says which fields were dropped and why.
-	detail string
+	detail   string
+	stagedAt time.Time // created_at: give_up_after counts from here
 }
 
 // resourceState is what stagesync knows of the remote resource.
@@ -328,6 +329,9 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 		a.succeed(rr, seg, resp, st, fields, nil, nil)
 		return true
 	case a.t.isConflict(resp.status):
+		if a.outOfAttempts(rr, seg) {
+			return a.retryLater(rr, seg, resp)
+		}
 		cur := a.fetch(ctx, rr, seg)
 		if a.refusesOwnETag(rr, seg, st.etag, cur) {
 			return true
@@ -359,6 +363,9 @@ func (a *applier) create(ctx context.Context, rr *resourceRun, seg []openChange)
 		a.succeed(rr, seg, resp, resourceState{snapshot: map[string]any{}}, fields, nil, nil)
 		return true
 	case resp.status == http.StatusPreconditionFailed || a.t.isConflict(resp.status):
+		if a.outOfAttempts(rr, seg) {
+			return a.retryLater(rr, seg, resp)
+		}
 		cur := a.fetch(ctx, rr, seg)
 		return a.mergeAndWrite(ctx, rr, seg, mergeBase{}, cur, nil)
 	default:
@@ -402,7 +409,7 @@ func (a *applier) delete(ctx context.Context, rr *resourceRun, seg []openChange)
 			rr.finish(seg, status, "", "")
 			return true
 		case a.t.isConflict(resp.status):
-			if round > 0 {
+			if round > 0 || a.outOfAttempts(rr, seg) {
 				return a.retryLater(rr, seg, resp)
 			}
 			cur, settled, verdict := a.fetchForDelete(ctx, rr, seg)
@@ -692,6 +699,11 @@ func shows(body, written map[string]any) bool {
 // retry later; any other status means the remote refused the change.
 func (a *applier) failure(rr *resourceRun, live []openChange, resp response) bool {
 	if resp.notSent {
+		if pausedBy(resp) != nil {
+			// The target is paused: nothing was sent or counted; the
+			// resource waits for the pause's end.
+			return a.retryLater(rr, live, resp)
+		}
 		// The job is stopping; its follow-up job sends this. The changes
 		// stay processing with nothing counted against them.
 		return false
@@ -707,37 +719,48 @@ func (a *applier) failure(rr *resourceRun, live []openChange, resp response) boo
 	return true
 }
 
-// retryLater schedules the resource for a retry job: after Retry-After when
-// the remote gave one, else exponential backoff with jitter. Changes whose
-// attempts are exhausted end dead instead.
+// retryLater schedules the resource for a retry job: at the end of the
+// target's pause after a throttling answer (or a request the pause
+// refused), else exponential backoff with jitter. Changes whose attempts
+// are used up end dead instead, and throttled changes staged longer than
+// give_up_after ago (attempts.go has the counting rules).
 func (a *applier) retryLater(rr *resourceRun, live []openChange, resp response) bool {
 	reason := errText(resp.err)
 	if reason == "" {
 		reason = fmt.Sprintf("status %d", resp.status)
 	}
+	th := throttled(resp)
 	var waiting []openChange
 	var maxAttempts int32
 	for _, c := range live {
 		o := rr.outcome(c.id)
-		total := c.attempts + o.addAttempts
-		if int(total) >= a.t.MaxAttempts {
-			o.status, o.errText = statusDead, fmt.Sprintf("gave up after %d attempts: %s", total, reason)
-			continue
+		if th && !resp.notSent {
+			// count() or fetch() counted this answer for every change it
+			// carried; a throttling answer is not an attempt.
+			o.addAttempts--
 		}
-		o.status, o.errText = statusProcessing, reason
-		waiting = append(waiting, c)
-		maxAttempts = max(maxAttempts, total)
+		total := c.attempts + o.addAttempts
+		switch {
+		case int(total) >= a.t.MaxAttempts:
+			o.status, o.errText = statusDead, fmt.Sprintf("gave up after %d attempts: %s", total, reason)
+		case th && a.givenUp(c):
+			o.status, o.errText = statusDead, a.givenUpText(reason)
+		default:
+			o.status, o.errText = statusProcessing, reason
+			waiting = append(waiting, c)
+			maxAttempts = max(maxAttempts, total)
+		}
 	}
 	if len(waiting) == 0 {
 		return true
 	}
-	delay := resp.retryAfter
-	if delay <= 0 || !(resp.status == http.StatusTooManyRequests || resp.status == http.StatusServiceUnavailable) {
-		delay = backoff(a.t.Backoff.Base.D(), a.t.Backoff.Max.D(), int(maxAttempts))
+	var at time.Time
+	if th {
+		at = a.throttleRetryAt(resp, maxAttempts)
+	} else {
+		at = a.now().Add(min(backoff(a.t.Backoff.Base.D(), a.t.Backoff.Max.D(), int(maxAttempts)), time.Hour))
 	}
-	// Retry-After is honoured as given, within a sane ceiling.
-	delay = min(delay, time.Hour)
-	if at := a.now().Add(delay); at.After(rr.retryAt) {
+	if at.After(rr.retryAt) {
 		rr.retryAt = at
 	}
 	return false

@@ -1,10 +1,8 @@
 package processor
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"maps"
 	"net/http"
 	"net/url"
@@ -79,7 +77,8 @@ type TargetConfig struct {
 	// Workers is the most jobs of this target run at once per process;
 	// each holds one database connection. Defaults to 4.
 	Workers int `yaml:"workers"`
-	// RateLimit is requests per second per process; 0 means unlimited.
+	// RateLimit is requests per second to this target from all live
+	// processes together; each takes an equal share. 0 means unlimited.
 	RateLimit float64 `yaml:"rate_limit"`
 	// Timeout bounds one HTTP request. Defaults to 10s.
 	Timeout Duration `yaml:"timeout"`
@@ -87,9 +86,18 @@ type TargetConfig struct {
 	// dead. Defaults to 10.
 	MaxAttempts int `yaml:"max_attempts"`
 	// Backoff is the retry delay: base·2^(attempt-1) with jitter, capped.
+	// A 429 or 503 without Retry-After pauses the target for base,
+	// doubling for each such answer in a row, up to max.
 	Backoff BackoffConfig `yaml:"backoff"`
+	// GiveUpAfter bounds how long a change the remote keeps throttling
+	// (429, 503: these never use up MaxAttempts) is retried, counted from
+	// when it was staged; then it ends dead. Defaults to 24h.
+	GiveUpAfter Duration `yaml:"give_up_after"`
 	// Merge holds the field policies of the three-way merge.
 	Merge MergeConfig `yaml:"merge"`
+	// Alert says when the target's conflict rate is too high: the status
+	// page draws the threshold on the conflict-rate chart.
+	Alert AlertConfig `yaml:"alert"`
 
 	// authValue is the resolved secret.
 	authValue string
@@ -121,6 +129,18 @@ type MergeConfig struct {
 	Fields map[string]Policy `yaml:"fields"`
 }
 
+// AlertConfig is a target's conflict-rate alert: the seed's "alert when the
+// conflict rate exceeds 5% of requests".
+type AlertConfig struct {
+	// ConflictRate is the share of requests answered with a conflict status
+	// (409/412) above which the target needs attention, in (0, 1].
+	// Defaults to 0.05.
+	ConflictRate float64 `yaml:"conflict_rate"`
+	// Window is the span the rate is measured over, 1m to 24h. Defaults
+	// to 15m.
+	Window Duration `yaml:"window"`
+}
+
 // Duration is a time.Duration written as "10s" in YAML.
 type Duration time.Duration
 
@@ -132,7 +152,7 @@ func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 	}
 	v, err := time.ParseDuration(s)
 	if err != nil {
-		return fmt.Errorf("line %d: %q is not a duration like 500ms or 10s", n.Line, s)
+		return fmt.Errorf("%q is not a duration like 500ms or 10s", s)
 	}
 	*d = Duration(v)
 	return nil
@@ -162,7 +182,7 @@ func LoadConfig(path string, getenv func(string) string) (*Config, error) {
 func ParseConfig(raw []byte, getenv func(string) string) (*Config, error) {
 	var root yaml.Node
 	if err := yaml.Unmarshal(raw, &root); err != nil {
-		return nil, fmt.Errorf("parse YAML: %w", err)
+		return nil, syntaxError(err)
 	}
 	var missing []string
 	expandEnv(&root, func(name string) string {
@@ -175,19 +195,19 @@ func ParseConfig(raw []byte, getenv func(string) string) (*Config, error) {
 	if len(missing) > 0 {
 		return nil, fmt.Errorf("environment variables referenced but not set: %s", strings.Join(missing, ", "))
 	}
-	// Re-encoded so that the strict decoder refuses unknown keys.
-	expanded, err := yaml.Marshal(&root)
-	if err != nil {
-		return nil, fmt.Errorf("re-encode expanded config: %w", err)
+	// Checked and decoded from the parsed (and expanded) nodes, never from
+	// re-encoded text, so every error names the line of the file.
+	if errs := checkYAML(&root); len(errs) > 0 {
+		return nil, errors.Join(errs...)
 	}
-	dec := yaml.NewDecoder(bytes.NewReader(expanded))
-	dec.KnownFields(true)
 	var cfg Config
-	if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
-		return nil, fmt.Errorf("parse YAML: %w", err)
+	if len(root.Content) > 0 {
+		if err := root.Content[0].Decode(&cfg); err != nil {
+			return nil, decodeError(err)
+		}
 	}
 	if err := cfg.validate(getenv); err != nil {
-		return nil, err
+		return nil, withLines(&root, err)
 	}
 	return &cfg, nil
 }
@@ -362,6 +382,10 @@ func (t *TargetConfig) validate(getenv func(string) string) []keyError {
 	if t.Backoff.Max.D() < t.Backoff.Base.D() {
 		bad("backoff.max", "must be >= backoff.base")
 	}
+	defaultDuration(&t.GiveUpAfter, 24*time.Hour)
+	if t.GiveUpAfter.D() < time.Second {
+		bad("give_up_after", "must be at least 1s (it bounds how long throttled changes are retried)")
+	}
 	if t.Merge.Default == "" {
 		t.Merge.Default = PolicyOurs
 	}
@@ -372,6 +396,16 @@ func (t *TargetConfig) validate(getenv func(string) string) []keyError {
 		if p := t.Merge.Fields[f]; !p.valid() {
 			bad("merge.fields."+f, "must be ours, theirs or manual, got %q", p)
 		}
+	}
+	if t.Alert.ConflictRate == 0 {
+		t.Alert.ConflictRate = 0.05
+	}
+	if !(t.Alert.ConflictRate > 0 && t.Alert.ConflictRate <= 1) {
+		bad("alert.conflict_rate", "must be a share of requests in (0, 1], like 0.05 for 5%%, got %v", t.Alert.ConflictRate)
+	}
+	defaultDuration(&t.Alert.Window, 15*time.Minute)
+	if t.Alert.Window.D() < time.Minute || t.Alert.Window.D() > 24*time.Hour {
+		bad("alert.window", "must be between 1m and 24h, got %v", t.Alert.Window.D())
 	}
 	return errs
 }
@@ -412,7 +446,9 @@ func (t *TargetConfig) Settings() map[string]any {
 		"timeout":           t.Timeout.D().String(),
 		"max_attempts":      t.MaxAttempts,
 		"backoff":           map[string]string{"base": t.Backoff.Base.D().String(), "max": t.Backoff.Max.D().String()},
+		"give_up_after":     t.GiveUpAfter.D().String(),
 		"merge":             map[string]any{"default": t.Merge.Default, "fields": t.Merge.Fields},
+		"alert":             map[string]any{"conflict_rate": t.Alert.ConflictRate, "window": t.Alert.Window.D().String()},
 	}
 	if t.Auth != nil {
 		s["auth"] = map[string]string{"header": t.Auth.Header, "env": t.Auth.Env}

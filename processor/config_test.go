@@ -45,7 +45,7 @@ func TestParseConfigErrorsNameTheKey(t *testing.T) {
 		{"bad policy", "    merge: {fields: {owner: mine}}\n", "targets.territory.merge.fields.owner: must be ours, theirs or manual"},
 		{"bad default policy", "    merge: {default: both}\n", "targets.territory.merge.default"},
 		{"bad timeout", "    timeout: soon\n", "is not a duration"},
-		{"unknown key", "    retries: 3\n", "field retries not found"},
+		{"unknown key", "    retries: 3\n", "line 5: targets.territory.retries: unknown key"},
 		{"conflict status 200", "    conflict_statuses: [200]\n", "targets.territory.conflict_statuses: 200 is not a conflict status"},
 		{"auth env unset", "    auth: {env: NOPE}\n", "targets.territory.auth.env: environment variable NOPE is not set"},
 		{"backoff max below base", "    backoff: {base: 2s, max: 1s}\n", "targets.territory.backoff.max: must be >= backoff.base"},

@@ -3,6 +3,7 @@ package processor
 import (
 	"context"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -73,8 +74,8 @@ func (p *Processor) Claim(ctx context.Context) (int, error) {
 // the workers busy until the next claim.
 const claimAhead = 2
 
-// targetsWithRoom lists the targets whose queue holds fewer available jobs
-// than their workers can start soon.
+// targetsWithRoom lists the targets that are not paused and whose queue
+// holds fewer available jobs than their workers can start soon.
 func (p *Processor) targetsWithRoom(ctx context.Context) ([]string, error) {
 	depth, err := p.q.RiverQueueDepth(ctx, p.pool)
 	if err != nil {
@@ -86,8 +87,15 @@ func (p *Processor) targetsWithRoom(ctx context.Context) ([]string, error) {
 			available[d.Queue] = d.Jobs
 		}
 	}
+	paused := p.pausedTargets()
 	var room []string
 	for _, name := range p.cfg.TargetNames() {
+		// A paused target's changes wait pending, cheaply, rather than
+		// becoming jobs that would only be refused and rescheduled; the
+		// coordination loop wakes the claimer when the pause ends.
+		if paused[name] {
+			continue
+		}
 		if available[QueueName(name)] < int64(claimAhead*p.cfg.Targets[name].Workers) {
 			room = append(room, name)
 		}
@@ -195,16 +203,29 @@ func (p *Processor) listenOnce(ctx context.Context) error {
 		return fmt.Errorf("connect listener: %w", err)
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
-	if _, err := conn.Exec(ctx, "LISTEN "+notifyChannel); err != nil {
-		return fmt.Errorf("listen: %w", err)
+	if err := p.q.ListenChanges(ctx, conn); err != nil {
+		return fmt.Errorf("listen on %s: %w", notifyChannel, err)
 	}
-	// Anything inserted while we were not listening.
+	if err := p.q.ListenCoordination(ctx, conn); err != nil {
+		return fmt.Errorf("listen on %s: %w", coordChannel, err)
+	}
+	// Anything inserted, paused or started while we were not listening.
 	p.wakeClaimer()
+	signal(p.pausesNow)
+	signal(p.sharesNow)
 	for {
-		if _, err := conn.WaitForNotification(ctx); err != nil {
+		n, err := conn.WaitForNotification(ctx)
+		if err != nil {
 			return fmt.Errorf("wait for notification: %w", err)
 		}
-		p.wakeClaimer()
+		switch {
+		case n.Channel != coordChannel:
+			p.wakeClaimer()
+		case strings.HasPrefix(n.Payload, "pause "):
+			signal(p.pausesNow)
+		default:
+			signal(p.sharesNow)
+		}
 	}
 }
 

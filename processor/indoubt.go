@@ -165,7 +165,8 @@ func (a *applier) resolveInDoubt(ctx context.Context, rr *resourceRun, live []op
 		a.count(rr, open, resp, d.Base)
 		switch {
 		case resp.notSent:
-			return nil, false
+			// Paused (a retry at its end) or the job is stopping.
+			return nil, a.failure(rr, open, resp)
 		case resp.status >= 200 && resp.status < 300,
 			resp.status == http.StatusNotFound && d.Method == http.MethodDelete:
 			rr.setDoubt(nil)
@@ -198,7 +199,7 @@ func (a *applier) resolveInDoubt(ctx context.Context, rr *resourceRun, live []op
 	cur := a.fetch(ctx, rr, live)
 	switch {
 	case cur.notSent:
-		return nil, false
+		return nil, a.failure(rr, live, cur)
 	case cur.status == http.StatusNotFound:
 		rr.setDoubt(nil)
 		rr.setState(resourceState{deleted: true})

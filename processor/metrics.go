@@ -17,6 +17,11 @@ type Metrics struct {
 	changes        *prometheus.CounterVec
 	claimed        *prometheus.CounterVec
 	jobs           *prometheus.CounterVec
+	inflightLimit  *prometheus.GaugeVec
+	rateShare      *prometheus.GaugeVec
+	pauses         *prometheus.CounterVec
+	refused        *prometheus.CounterVec
+	rescued        prometheus.Counter
 }
 
 // NewMetrics creates the instruments and registers them with reg (nil: not
@@ -53,8 +58,29 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Apply jobs worked, by result (done, or error when recording failed and River retries the job).",
 		}, []string{"target", "result"}),
 	}
+	m.inflightLimit = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "stagesync_inflight_limit",
+		Help: "This process's adaptive limit of requests in flight to the target: halved on 429/503, grown by one per second without them, at most the target's concurrency.",
+	}, []string{"target"})
+	m.rateShare = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "stagesync_rate_share",
+		Help: "Requests per second this process may send to the target: its rate_limit divided by the live processes serving it. Absent for targets without a rate limit.",
+	}, []string{"target"})
+	m.pauses = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "stagesync_target_pauses_total",
+		Help: "Pauses of the target this process started on a 429 or 503 (each extends the target's pause for every process).",
+	}, []string{"target"})
+	m.refused = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "stagesync_requests_refused_total",
+		Help: "Requests not sent because the target was paused (its resources are retried when the pause ends; no attempt is counted).",
+	}, []string{"target"})
+	m.rescued = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "stagesync_jobs_rescued_total",
+		Help: "Running jobs of dead processes this process handed back (their process no longer held its liveness lock).",
+	})
 	if reg != nil {
-		reg.MustRegister(m.requests, m.requestSeconds, m.conflicts, m.merges, m.changes, m.claimed, m.jobs)
+		reg.MustRegister(m.requests, m.requestSeconds, m.conflicts, m.merges, m.changes, m.claimed, m.jobs,
+			m.inflightLimit, m.rateShare, m.pauses, m.refused, m.rescued)
 	}
 	return m
 }
@@ -95,5 +121,35 @@ func (m *Metrics) observeClaimed(target string, n int) {
 func (m *Metrics) observeJob(target, result string) {
 	if m != nil {
 		m.jobs.WithLabelValues(target, result).Inc()
+	}
+}
+
+func (m *Metrics) setInflightLimit(target string, limit int) {
+	if m != nil {
+		m.inflightLimit.WithLabelValues(target).Set(float64(limit))
+	}
+}
+
+func (m *Metrics) setRateShare(target string, share float64) {
+	if m != nil {
+		m.rateShare.WithLabelValues(target).Set(share)
+	}
+}
+
+func (m *Metrics) observePause(target string) {
+	if m != nil {
+		m.pauses.WithLabelValues(target).Inc()
+	}
+}
+
+func (m *Metrics) observeRefused(target string) {
+	if m != nil {
+		m.refused.WithLabelValues(target).Inc()
+	}
+}
+
+func (m *Metrics) observeRescued(n int) {
+	if m != nil && n > 0 {
+		m.rescued.Add(float64(n))
 	}
 }

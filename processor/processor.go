@@ -6,7 +6,6 @@ package processor
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -47,9 +46,20 @@ type Processor struct {
 	remotes map[string]*remote
 	client  *river.Client[pgx.Tx]
 	waker   *waker
+	// started is closed once Run has everything running.
+	started chan struct{}
 	// wake carries claim requests (listener, finished jobs) to the
 	// claimer; its buffer of one coalesces them.
 	wake chan struct{}
+	// live is this process's liveness lock and processes row.
+	live *liveness
+	// pauses queues the target pauses this process starts, for the others.
+	pauses *pauseShare
+	// pausesNow and sharesNow ask the coordination loop to read the
+	// targets' pauses, or the live processes (rate shares), at once: a
+	// notification said they changed. Buffers of one coalesce them.
+	pausesNow chan struct{}
+	sharesNow chan struct{}
 }
 
 // New validates the options and builds the River client. Nothing runs
@@ -61,9 +71,18 @@ func New(cfg *Config, opts Options) (*Processor, error) {
 	p := &Processor{cfg: cfg, pool: opts.Pool, logger: opts.Logger, metrics: opts.Metrics, q: db.New(), remotes: map[string]*remote{}}
 	p.waker = newWaker(opts.Logger)
 	p.wake = make(chan struct{}, 1)
+	p.started = make(chan struct{})
+	p.pauses = newPauseShare()
+	p.pausesNow = make(chan struct{}, 1)
+	p.sharesNow = make(chan struct{}, 1)
 	if p.metrics == nil {
 		p.metrics = NewMetrics(nil)
 	}
+	live, err := newLiveness(opts.Pool.Config().ConnConfig, cfg.TargetNames(), opts.Logger)
+	if err != nil {
+		return nil, err
+	}
+	p.live = live
 	hc := opts.HTTPClient
 	if hc == nil {
 		hc = NewHTTPClient()
@@ -77,19 +96,30 @@ func New(cfg *Config, opts Options) (*Processor, error) {
 	}
 	queues := map[string]river.QueueConfig{river.QueueDefault: {MaxWorkers: 2}}
 	for name, t := range cfg.Targets {
-		p.remotes[name] = newRemote(t, hc, p.metrics)
+		r := newRemote(t, hc, p.metrics)
+		r.gate.attach(opts.Logger, p.metrics, p.pauses.add)
+		p.remotes[name] = r
 		queues[QueueName(name)] = river.QueueConfig{MaxWorkers: t.Workers}
 	}
 	client, err := river.NewClient(riverpgxv5.New(opts.Pool), &river.Config{
-		Logger:  opts.Logger.With("component", "river"),
+		// Chosen here, not by River, so that the processes row and the
+		// liveness lock exist before River fetches its first job: a job's
+		// attempted_by names a process other processes can check.
+		ID:      live.clientID,
+		Logger:  slog.New(riverLogHandler{opts.Logger.With("component", "river").Handler()}),
 		Queues:  queues,
 		Workers: workers,
 		// River wakes producers by LISTEN/NOTIFY on insert; a short
 		// cooldown keeps insert-to-start latency in milliseconds. Jobs the
 		// waker makes available early send no notification, so producers
 		// also poll often (an indexed query per queue).
-		FetchCooldown:        5 * time.Millisecond,
-		FetchPollInterval:    100 * time.Millisecond,
+		FetchCooldown:     5 * time.Millisecond,
+		FetchPollInterval: 100 * time.Millisecond,
+		// Dead processes are found by liveness (liveness.go) within
+		// seconds; River's rescuer is only the distant backstop for a job
+		// whose process left no processes row (a process of an older
+		// version). Every apply job ends well before RescueAfter
+		// (applyWorker.Timeout), so a live job is never rescued by it.
 		RescueStuckJobsAfter: cfg.Dispatch.RescueAfter.D(),
 		// Apply jobs set their own timeout (applyWorker.Timeout), never
 		// beyond RescueAfter, so a live job is not rescued as a dead one.
@@ -131,51 +161,176 @@ func NewHTTPClient() *http.Client {
 // RegisterTargets writes the configured targets to stagesync.targets so
 // that the upstream's inserts can reference them.
 func (p *Processor) RegisterTargets(ctx context.Context) error {
-	for _, name := range p.cfg.TargetNames() {
-		t := p.cfg.Targets[name]
-		settings, err := json.Marshal(t.Settings())
-		if err != nil {
-			return fmt.Errorf("encode settings of target %q: %w", name, err)
-		}
-		err = p.q.TargetUpsert(ctx, p.pool, db.TargetUpsertParams{
-			Name: name, BaseURL: t.BaseURL, ItemPath: t.ItemPath, UpdateMethod: t.UpdateMethod, Settings: settings,
-		})
-		if err != nil {
-			return fmt.Errorf("register target %q: %w", name, err)
-		}
-	}
-	return nil
+	return RegisterTargets(ctx, p.pool, p.cfg)
 }
 
-// Run registers the targets, starts River, the listener and the claimer,
-// and works until ctx ends. Then it stops fetching jobs, lets running jobs
-// finish within Dispatch.ShutdownGrace (after which their requests are
-// cancelled and recorded as failures with a retry job), and returns nil.
+// ClientID is this process's River client ID, also its
+// stagesync.processes row and target_health rows.
+func (p *Processor) ClientID() string { return p.live.clientID }
+
+// Started is closed once Run has River, the listener and the claimer
+// running: until then the process is not ready for work (/readyz says so).
+func (p *Processor) Started() <-chan struct{} { return p.started }
+
+// Run registers the targets and this process (its liveness lock), starts
+// River, the listener, the claimer and the coordination loop, and works
+// until ctx ends. Then it stops fetching jobs, lets running jobs finish
+// within Dispatch.ShutdownGrace (after which their requests are cancelled
+// and recorded as failures with a retry job), unregisters, and returns nil.
 func (p *Processor) Run(ctx context.Context) error {
 	if err := p.RegisterTargets(ctx); err != nil {
 		return err
 	}
+	// The liveness lock, the pause publisher and the coordination loop
+	// outlive ctx until River has stopped: jobs finishing in their grace
+	// period belong to a live process and still pass the gates.
+	bg, stopBg := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopBg()
+	if err := p.live.start(ctx); err != nil {
+		return err
+	}
+	// The rate shares and pauses in force before the first request.
+	if err := errors.Join(p.refreshShares(ctx), p.applyPauses(ctx)); err != nil {
+		p.live.stop(bg)
+		return err
+	}
+	var bgWG sync.WaitGroup
+	bgWG.Go(func() { p.live.hold(bg) })
+	bgWG.Go(func() { p.publishPauses(bg) })
+	bgWG.Go(func() { p.coordinate(bg) })
+	stopCoordination := func() {
+		stopBg()
+		bgWG.Wait()
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		p.live.stop(rctx)
+	}
 	// River gets its own context: stopping is done explicitly below so that
 	// running jobs get their grace period.
 	if err := p.client.Start(context.WithoutCancel(ctx)); err != nil {
+		stopCoordination()
 		return fmt.Errorf("start river: %w", err)
 	}
 	p.waker.start(context.WithoutCancel(ctx), p.client)
 	var wg sync.WaitGroup
 	wg.Go(func() { p.listen(ctx) })
 	wg.Go(func() { p.claimLoop(ctx) })
-	p.logger.InfoContext(ctx, "processor started", "targets", p.cfg.TargetNames())
+	p.logger.InfoContext(ctx, "processor started", "targets", p.cfg.TargetNames(), "client_id", p.live.clientID)
+	close(p.started)
 
 	<-ctx.Done()
 	wg.Wait()
 	p.logger.Info("processor stopping: waiting for running jobs", "grace", p.cfg.Dispatch.ShutdownGrace.D().String())
-	stopCtx, cancel := context.WithTimeout(context.Background(), p.cfg.Dispatch.ShutdownGrace.D()+30*time.Second)
+	stopCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.cfg.Dispatch.ShutdownGrace.D()+30*time.Second)
 	defer cancel()
 	err := p.client.Stop(stopCtx)
 	p.waker.stop()
+	stopCoordination()
 	if err != nil {
 		return fmt.Errorf("stop river: %w", err)
 	}
 	p.logger.Info("processor stopped")
 	return nil
+}
+
+// coordinate runs this process's part of the coordination between
+// processes until ctx ends: every rescueEvery it hands back the jobs of
+// dead processes and reads the targets' pauses; every healthEvery it
+// refreshes its rate shares and writes target_health; and it reads pauses
+// or shares at once when a notification says they changed.
+func (p *Processor) coordinate(ctx context.Context) {
+	fast := time.NewTicker(rescueEvery)
+	defer fast.Stop()
+	slow := time.NewTicker(healthEvery)
+	defer slow.Stop()
+	var errs coordErrors
+	// step runs one step with a deadline, so an unresponsive database
+	// delays the next check rather than stopping them all.
+	step := func(name string, f func(context.Context) error) {
+		sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		errs.note(ctx, p.logger, name, f(sctx))
+	}
+	paused := p.pausedTargets()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-p.pausesNow:
+			step("pauses", p.applyPauses)
+		case <-p.sharesNow:
+			step("shares", p.refreshShares)
+		case <-fast.C:
+			var dead bool
+			step("rescue", func(ctx context.Context) (err error) {
+				dead, err = p.rescueDead(ctx)
+				return err
+			})
+			if dead {
+				step("shares", p.refreshShares)
+			}
+			step("pauses", p.applyPauses)
+			// Claims skip paused targets: claim what waited once a
+			// pause is over.
+			now := p.pausedTargets()
+			for name := range paused {
+				if !now[name] {
+					p.wakeClaimer()
+				}
+			}
+			paused = now
+		case <-slow.C:
+			step("shares", p.refreshShares)
+			step("health", p.writeHealth)
+		}
+	}
+}
+
+// coordErrors logs a coordination step's failure once when it starts
+// failing and once when it works again, not every second.
+type coordErrors map[string]bool
+
+func (e *coordErrors) note(ctx context.Context, logger *slog.Logger, step string, err error) {
+	if *e == nil {
+		*e = coordErrors{}
+	}
+	failing := (*e)[step]
+	switch {
+	case err != nil && ctx.Err() != nil:
+	case err != nil && !failing:
+		(*e)[step] = true
+		logger.WarnContext(ctx, "coordination with the other processes failing; retrying", "step", step, "error", err)
+	case err == nil && failing:
+		(*e)[step] = false
+		logger.InfoContext(ctx, "coordination with the other processes works again", "step", step)
+	}
+}
+
+// signal asks a coalescing channel's reader to act.
+func signal(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
+// riverLogHandler passes River's log records at WARN and above, and the
+// rest only when the processor's handler logs at debug: at info River
+// repeats maintenance lines ("Producer job counts" every 5s) that would
+// drown the processor's own.
+type riverLogHandler struct{ slog.Handler }
+
+func (h riverLogHandler) Enabled(ctx context.Context, level slog.Level) bool {
+	if level < slog.LevelWarn && !h.Handler.Enabled(ctx, slog.LevelDebug) {
+		return false
+	}
+	return h.Handler.Enabled(ctx, level)
+}
+
+func (h riverLogHandler) WithAttrs(attrs []slog.Attr) slog.Handler {
+	return riverLogHandler{h.Handler.WithAttrs(attrs)}
+}
+
+func (h riverLogHandler) WithGroup(name string) slog.Handler {
+	return riverLogHandler{h.Handler.WithGroup(name)}
 }

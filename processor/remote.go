@@ -123,23 +123,28 @@ type request struct {
 func (r *remote) do(ctx context.Context, req request) response {
 	release, err := r.gate.acquire(ctx)
 	if err != nil {
-		// The job is ending (cancelled, or its deadline comes before the
-		// gate would let this request go).
+		// The target is paused (a *pausedError), or the job is ending
+		// (cancelled, or its deadline comes before the gate would let this
+		// request go).
 		return response{notSent: true, err: err}
 	}
-	defer release()
 	req, err = r.prepare(req)
 	if err != nil {
-		return r.failed(req, time.Now(), err, false)
+		resp := r.failed(req, time.Now(), err, false)
+		release(resp)
+		return resp
 	}
 	// The intent is durable before the request leaves, so after any crash
-	// the resource's next worker knows the remote may have seen it.
+	// the resource's next worker knows the remote may have seen it (t1).
 	id, err := req.outbox.add(ctx, r.t.Name, req)
 	if err != nil {
-		return response{notSent: true, err: err, req: req}
+		resp := response{notSent: true, err: err, req: req}
+		release(resp)
+		return resp
 	}
 	resp := r.send(ctx, req)
 	resp.outboxID = id
+	release(resp) // the gate observes the answer: pauses, AIMD, health
 	return resp
 }
 

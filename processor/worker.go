@@ -295,7 +295,7 @@ func (p *Processor) loadRuns(ctx context.Context, conn *pgxpool.Conn, t *TargetC
 			cur = storedRun(r.ResourceID, byID[r.ResourceID])
 			runs = append(runs, cur)
 		}
-		c := openChange{id: r.ID, op: r.Op, attempts: r.Attempts}
+		c := openChange{id: r.ID, op: r.Op, attempts: r.Attempts, stagedAt: r.CreatedAt}
 		fields, err := decodeObject(r.Fields)
 		if err != nil {
 			cur.changes = append(cur.changes, c)

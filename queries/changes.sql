@@ -27,7 +27,7 @@ RETURNING c.id, c.target, c.resource_id,
 -- at most @max of them: a job works a deep backlog in rounds of bounded
 -- memory. A resource cut off by the limit gets its prefix now (in id
 -- order) and the rest next round.
-SELECT id, resource_id, op, fields, attempts
+SELECT id, resource_id, op, fields, attempts, created_at
 FROM stagesync.changes
 WHERE target = @target
   AND resource_id = ANY (@resource_ids::text[])

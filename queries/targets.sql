@@ -8,3 +8,27 @@ SET base_url = EXCLUDED.base_url,
     item_path = EXCLUDED.item_path,
     update_method = EXCLUDED.update_method,
     settings = EXCLUDED.settings;
+
+-- name: TargetPause :exec
+-- Pauses a target for every process: extends paused_until (never shortens
+-- it) and notifies the other processes, which pause at once. The time is
+-- the database's clock plus the delay, so hosts' clocks need not agree.
+WITH paused AS (
+    UPDATE stagesync.targets
+    SET paused_until = clock_timestamp() + make_interval(secs => @seconds::float8),
+        pause_reason = @reason::text
+    WHERE name = @name::text
+      AND (paused_until IS NULL
+           OR paused_until < clock_timestamp() + make_interval(secs => @seconds::float8))
+    RETURNING name
+)
+SELECT pg_notify('stagesync_coord', 'pause ' || name) FROM paused;
+
+-- name: TargetsPaused :many
+-- The targets paused right now, with how long they still are, measured on
+-- the database's clock.
+SELECT name, coalesce(pause_reason, '')::text AS pause_reason,
+       extract(epoch FROM paused_until - clock_timestamp())::float8 AS remaining_seconds
+FROM stagesync.targets
+WHERE name = ANY (@names::text[]) AND paused_until > clock_timestamp()
+ORDER BY name;

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"maps"
@@ -66,7 +65,7 @@ type demoOpts struct {
 }
 
 func cmdDemo(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
-	o, err := parseDemoFlags(args, getenv, stdout)
+	o, err := parseDemoFlags(ctx, args, getenv, stdout)
 	if err != nil {
 		return err
 	}
@@ -74,10 +73,9 @@ func cmdDemo(ctx context.Context, args []string, getenv func(string) string, std
 	return demo(ctx, o)
 }
 
-func parseDemoFlags(args []string, getenv func(string) string, stdout io.Writer) (demoOpts, error) {
-	fs := flag.NewFlagSet("demo", flag.ContinueOnError)
-	fs.SetOutput(stdout)
-	dbURL := fs.String("database-url", "", "PostgreSQL server to use (default $DATABASE_URL, else the local server); the demo creates its own database there")
+func parseDemoFlags(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) (demoOpts, error) {
+	fs := newFlagSet(ctx, "demo", stdout)
+	dbURL := fs.String("database-url", "", "PostgreSQL server to use (default $DATABASE_URL, else the PG* variables as psql uses them); the demo creates its own database there")
 	dbName := fs.String("demo-db", "stagesync_demo", "name of the demo database, dropped and recreated at start")
 	changes := fs.Int("changes", 500, "how many changes the simulated CRM stages (10 to 100000)")
 	drop := fs.Bool("drop", false, "drop the demo database at the end (by default it is kept for you to query)")
@@ -85,18 +83,13 @@ func parseDemoFlags(args []string, getenv func(string) string, stdout io.Writer)
 	latency := fs.Duration("latency", 20*time.Millisecond, "latency of every request to the simulated remote")
 	timeout := fs.Duration("timeout", 2*time.Minute, "give up if the backlog hasn't drained by then")
 	logLevel := fs.String("log-level", "error", "level of the processor's log on stderr: debug, info, warn or error")
-	fs.Usage = func() {
-		fmt.Fprintln(stdout, "usage: stagesync demo [--changes 500] [--database-url URL] [--demo-db stagesync_demo] [--drop]")
-		fmt.Fprintln(stdout, "Runs the simulator, a simulated CRM and the processor in one process against a fresh database,")
-		fmt.Fprintln(stdout, "drains the workload with a progress bar and prints a report.")
-		fs.PrintDefaults()
-	}
-	if err := fs.Parse(args); err != nil {
+	pos, err := parseFlags(fs, args)
+	if err != nil {
 		return demoOpts{}, err
 	}
 	switch {
-	case fs.NArg() > 0:
-		return demoOpts{}, fmt.Errorf("demo: unexpected arguments %q", fs.Args())
+	case len(pos) > 0:
+		return demoOpts{}, fmt.Errorf("demo: unexpected arguments %q", pos)
 	case *changes < 10 || *changes > 100_000:
 		return demoOpts{}, fmt.Errorf("demo: --changes must be between 10 and 100000, got %d", *changes)
 	case !demoDBNameRE.MatchString(*dbName):
@@ -621,17 +614,21 @@ func writeDemoReport(w io.Writer, r *demoReport) {
 		if rejected {
 			incl, flagIncl = ", include_rejected => true", " --include-rejected"
 		}
-		fmt.Fprintf(w, "\nTo retry them once the cause is fixed (e.g. the region decided in the remote, the value corrected):\n")
-		fmt.Fprintf(w, "  psql '%s' -c 'SELECT stagesync.requeue(ids => ARRAY[%s]%s)'\n", r.shownURL, strings.Join(ids, ", "), incl)
-		fmt.Fprintf(w, "  stagesync requeue --database-url '%s' --id %s%s\n", r.shownURL, strings.Join(ids, ","), flagIncl)
+		if r.kept {
+			fmt.Fprintf(w, "\nTo retry them once the cause is fixed (e.g. the region decided in the remote, the value corrected):\n")
+			fmt.Fprintf(w, "  psql '%s' -c 'SELECT stagesync.requeue(ids => ARRAY[%s]%s)'\n", r.shownURL, strings.Join(ids, ", "), incl)
+			fmt.Fprintf(w, "  stagesync requeue --database-url '%s' --id %s%s\n", r.shownURL, strings.Join(ids, ","), flagIncl)
+		}
 	}
 	if r.kept {
 		fmt.Fprintf(w, "\nThe database %s is kept for you to explore (the next demo recreates it), e.g.:\n", r.dbName)
-		fmt.Fprintf(w, "  psql '%s' -c 'SELECT * FROM stagesync.conflict_rates'\n", r.shownURL)
+		fmt.Fprintf(w, "  psql %s -c 'SELECT * FROM stagesync.conflict_rates'\n", shellQuote(r.shownURL))
 		if len(r.deadLetters) > 0 {
-			fmt.Fprintf(w, "  psql '%s' -c 'SELECT * FROM stagesync.change_history(%d)'\n", r.shownURL, r.deadLetters[0].ID)
+			fmt.Fprintf(w, "  %s history --database-url %s --change %d\n", self, shellQuote(r.shownURL), r.deadLetters[0].ID)
 		}
-		fmt.Fprintf(w, "  stagesync status --database-url '%s'\n", r.shownURL)
+		fmt.Fprintf(w, "  %s status --database-url %s\n", self, shellQuote(r.shownURL))
+	} else {
+		fmt.Fprintf(w, "\nThe database %s was dropped (--drop); run the demo without --drop to keep it for a look around.\n", r.dbName)
 	}
 }
 
@@ -640,9 +637,11 @@ func writeDemoReport(w io.Writer, r *demoReport) {
 func demoDatabaseURL(adminURL, name string) (connect, shown string, err error) {
 	u, err := url.Parse(adminURL)
 	if err != nil || (u.Scheme != "postgres" && u.Scheme != "postgresql") {
-		// A key=value connection string: a later dbname wins.
-		if strings.Contains(adminURL, "=") && !strings.Contains(adminURL, "://") {
-			return adminURL + " dbname=" + name, "dbname=" + name + " (on the server of DATABASE_URL)", nil
+		// A key=value connection string (from the PG* variables, empty
+		// when none is set): a later dbname wins.
+		if adminURL == "" || strings.Contains(adminURL, "=") && !strings.Contains(adminURL, "://") {
+			connect := strings.TrimSpace(adminURL + " dbname=" + name)
+			return connect, withoutPassword(connect), nil
 		}
 		return "", "", errors.New("demo: the database URL is neither a postgres:// URL nor a key=value connection string")
 	}
@@ -651,6 +650,14 @@ func demoDatabaseURL(adminURL, name string) (connect, shown string, err error) {
 	}
 	u.Path = "/" + name
 	return u.String(), u.Redacted(), nil
+}
+
+var passwordKeyword = regexp.MustCompile(`\bpassword\s*=\s*('(\\.|[^'])*'|\S+)\s*`)
+
+// withoutPassword drops the password from a key=value connection string,
+// so it can be printed.
+func withoutPassword(conn string) string {
+	return strings.TrimSpace(passwordKeyword.ReplaceAllString(conn, ""))
 }
 
 // recreateDatabase drops and creates the demo database on the server of

@@ -89,6 +89,9 @@ func TestDemoDrainsAndReports(t *testing.T) {
 	require.Contains(t, report, fmt.Sprintf("-c 'SELECT stagesync.requeue(ids => ARRAY[%d, %d], include_rejected => true)'\n", first, second))
 	require.Contains(t, report, fmt.Sprintf("--id %d,%d --include-rejected\n", first, second))
 	require.Contains(t, report, "[########################################]  60/60  100%  done in ")
+	shown := shellQuote(mustParseURL(t, demoURL).Redacted())
+	require.Contains(t, report, fmt.Sprintf("  stagesync history --database-url %s --change %d\n", shown, first))
+	require.Contains(t, report, fmt.Sprintf("  stagesync status --database-url %s\n", shown))
 
 	// Nothing is left running: no session on the demo database once ours
 	// is closed, and the simulator's port is closed.
@@ -112,6 +115,11 @@ func TestDemoDrainsAndReports(t *testing.T) {
 	require.NoError(t, run(t.Context(), append(args, "--drop"), getenv, &out), "second demo output:\n%s", out.String())
 	require.Contains(t, out.String(), "  dead           1\n")
 	require.NotContains(t, out.String(), "is kept for you to explore")
+	// Nothing to run against a database that is gone.
+	require.NotContains(t, out.String(), "requeue --database-url")
+	require.NotContains(t, out.String(), "psql ")
+	require.NotContains(t, out.String(), "--database-url")
+	require.Contains(t, out.String(), "\nThe database "+name+" was dropped (--drop); run the demo without --drop to keep it for a look around.\n")
 	var exists bool
 	require.NoError(t, conn.QueryRow(t.Context(), `SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)`, name).Scan(&exists))
 	require.False(t, exists, "--drop left the demo database behind")
@@ -148,7 +156,18 @@ func TestDemoDatabaseURL(t *testing.T) {
 	connect, shown, err = demoDatabaseURL("host=127.0.0.1 user=postgres dbname=postgres", "stagesync_demo")
 	require.NoError(t, err)
 	require.Equal(t, "host=127.0.0.1 user=postgres dbname=postgres dbname=stagesync_demo", connect)
-	require.Equal(t, "dbname=stagesync_demo (on the server of DATABASE_URL)", shown)
+	require.Equal(t, "host=127.0.0.1 user=postgres dbname=postgres dbname=stagesync_demo", shown)
+
+	connect, shown, err = demoDatabaseURL("host=db.example password='s3 cr\\'et' user=app", "stagesync_demo")
+	require.NoError(t, err)
+	require.Equal(t, "host=db.example password='s3 cr\\'et' user=app dbname=stagesync_demo", connect)
+	require.Equal(t, "host=db.example user=app dbname=stagesync_demo", shown, "the password is not shown")
+
+	// No DATABASE_URL and no PG* variables: libpq's defaults, as psql.
+	connect, shown, err = demoDatabaseURL("", "stagesync_demo")
+	require.NoError(t, err)
+	require.Equal(t, "dbname=stagesync_demo", connect)
+	require.Equal(t, "dbname=stagesync_demo", shown)
 
 	_, _, err = demoDatabaseURL("postgres://127.0.0.1/stagesync_demo", "stagesync_demo")
 	require.EqualError(t, err, `demo: --demo-db "stagesync_demo" is the database of --database-url; the demo drops it, so pick another name`)

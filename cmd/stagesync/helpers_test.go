@@ -163,18 +163,20 @@ type server struct {
 	err  error
 }
 
-// startServe runs serve in the background and returns once it serves HTTP
-// and its targets are registered; stop (or the test's end) stops it and
-// waits for it.
-func startServe(t *testing.T, dbURL string, pool *pgxpool.Pool, cfg *processor.Config) *server {
+// startServe runs serve in the background and returns once it serves HTTP,
+// its targets are registered and its processor has started; stop (or the test's end) stops it and
+// waits for it. opts adjust the serveOpts.
+func startServe(t *testing.T, dbURL string, pool *pgxpool.Pool, cfg *processor.Config, opts ...func(*serveOpts)) *server {
 	t.Helper()
 	ctx, cancel := context.WithCancel(t.Context())
 	ready := make(chan string, 1)
 	s := &server{cancel: cancel, done: make(chan error, 1), logs: &lockedBuffer{}}
 	logger := slog.New(slog.NewTextHandler(io.MultiWriter(t.Output(), s.logs), &slog.HandlerOptions{Level: slog.LevelInfo}))
-	go func() {
-		s.done <- serve(ctx, serveOpts{cfg: cfg, databaseURL: dbURL, logger: logger, stdout: io.Discard, ready: ready, sampleEvery: 50 * time.Millisecond})
-	}()
+	o := serveOpts{cfg: cfg, databaseURL: dbURL, logger: logger, stdout: io.Discard, ready: ready, sampleEvery: 50 * time.Millisecond}
+	for _, f := range opts {
+		f(&o)
+	}
+	go func() { s.done <- serve(ctx, o) }()
 	select {
 	case s.addr = <-ready:
 	case err := <-s.done:
@@ -184,6 +186,10 @@ func startServe(t *testing.T, dbURL string, pool *pgxpool.Pool, cfg *processor.C
 	t.Cleanup(func() { _ = s.stop() })
 	waitFor(t, 30*time.Second, "the targets to be registered", func() bool {
 		return countWhere(t, pool, `SELECT count(*) FROM stagesync.targets WHERE name = ANY ($1)`, cfg.TargetNames()) == int64(len(cfg.Targets))
+	})
+	waitFor(t, 30*time.Second, "the processor to start", func() bool {
+		_, body := s.get(t, "/readyz")
+		return body != "starting\n"
 	})
 	return s
 }

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -25,17 +24,20 @@ import (
 )
 
 func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
-	fs := flag.NewFlagSet("run", flag.ContinueOnError)
-	fs.SetOutput(stdout)
+	fs := newFlagSet(ctx, "run", stdout)
 	configPath := fs.String("config", "stagesync.yaml", "YAML config file")
-	dbURL := fs.String("database-url", "", "PostgreSQL URL (default: config database_url, $DATABASE_URL, then the local server)")
+	dbURL := fs.String("database-url", "", "PostgreSQL URL (default: the config's database_url, $DATABASE_URL, else the PG* variables as psql uses them)")
 	listen := fs.String("listen", "", "address for /metrics, /healthz, /readyz and the status page (default: config listen, 127.0.0.1:9090)")
 	logFormat := fs.String("log-format", "", "text or json (default: config log_format, text)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
-	migrate := fs.Bool("migrate", false, "apply migrations before starting")
+	migrate := fs.Bool("migrate", false, "apply migrations before starting (else a database lacking them is refused)")
 	grace := fs.Duration("shutdown-grace", 0, "on SIGTERM/SIGINT, how long in-flight requests may finish before they are cancelled (default: config dispatch.shutdown_grace, 30s)")
-	if err := fs.Parse(args); err != nil {
+	pos, err := parseFlags(fs, args)
+	if err != nil {
 		return err
+	}
+	if len(pos) > 0 {
+		return fmt.Errorf("run: unexpected arguments %q", pos)
 	}
 	if *grace < 0 {
 		return fmt.Errorf("run: --shutdown-grace must not be negative, got %v", *grace)
@@ -57,25 +59,38 @@ func cmdRun(ctx context.Context, args []string, getenv func(string) string, stdo
 	if err != nil {
 		return err
 	}
-	url := *dbURL
-	if url == "" {
-		url = cfg.DatabaseURL
-	}
-	return serve(ctx, serveOpts{cfg: cfg, databaseURL: databaseURL(url, getenv), logger: logger, migrate: *migrate, stdout: stdout})
+	src := resolveDatabase(*dbURL, cfg.DatabaseURL, getenv)
+	return serve(ctx, serveOpts{cfg: cfg, databaseURL: src.url, databaseFrom: src.from, logger: logger, migrate: *migrate, stdout: stdout})
 }
 
 type serveOpts struct {
 	cfg         *processor.Config
 	databaseURL string
-	logger      *slog.Logger
-	migrate     bool
-	stdout      io.Writer
+	// databaseFrom says where databaseURL came from, for errors.
+	databaseFrom string
+	logger       *slog.Logger
+	migrate      bool
+	stdout       io.Writer
 	// ready, if set, receives the bound HTTP address once serving.
 	ready chan<- string
 	// sampleEvery is how often the status page's backlog history is
 	// sampled. Defaults to 5s.
 	sampleEvery time.Duration
+	// idleTimeout closes keep-alive connections idle this long. Defaults
+	// to httpIdleTimeout.
+	idleTimeout time.Duration
+	// pageLoader, if set, receives the status page's loader (tests count
+	// its loads).
+	pageLoader chan<- *pageLoader
+	// historyPages, if set, receives the history pages' handler (tests
+	// read how many lookups ran at once).
+	historyPages chan<- *historyPages
 }
+
+// httpIdleTimeout closes idle keep-alive connections to the listener, so
+// clients that keep them open (hundreds of browsers, a misbehaving
+// scraper) can't hold file descriptors and goroutines indefinitely.
+const httpIdleTimeout = 30 * time.Second
 
 // serve runs the processor and its HTTP endpoints until ctx ends.
 func serve(ctx context.Context, o serveOpts) error {
@@ -86,6 +101,9 @@ func serve(ctx context.Context, o serveOpts) error {
 	}
 	pool, err := db.NewPool(ctx, o.databaseURL, conns)
 	if err != nil {
+		if o.databaseFrom != "" {
+			return fmt.Errorf("%w (database from %s)", err, o.databaseFrom)
+		}
 		return err
 	}
 	defer pool.Close()
@@ -93,6 +111,10 @@ func serve(ctx context.Context, o serveOpts) error {
 		if err := db.Migrate(ctx, pool, o.logger); err != nil {
 			return err
 		}
+	} else if err := requireMigrated(ctx, pool); err != nil {
+		// Before anything listens or logs "serving": a process that can't
+		// work must not look as if it did.
+		return fmt.Errorf("%w (or start with --migrate)", err)
 	}
 
 	reg := prometheus.NewRegistry()
@@ -109,31 +131,33 @@ func serve(ctx context.Context, o serveOpts) error {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		fmt.Fprintln(w, "ok")
 	})
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		rctx, cancel := context.WithTimeout(r.Context(), 3*time.Second)
-		defer cancel()
-		current, err := db.MigrationsCurrent(rctx, pool)
-		switch {
-		case err != nil:
-			w.WriteHeader(http.StatusServiceUnavailable)
-			fmt.Fprintln(w, "database unreachable")
-		case !current:
-			w.WriteHeader(http.StatusServiceUnavailable)
-			fmt.Fprintln(w, "migrations pending: run stagesync migrate up")
-		default:
-			fmt.Fprintln(w, "ready")
-		}
-	})
+	mux.Handle("GET /readyz", readyzHandler(pool, p.Started()))
 
 	hist := newBacklogHistory(historySize)
-	mux.Handle("GET /{$}", statusPageHandler(pool, hist, o.logger))
+	alerts := map[string]float64{}
+	for name, t := range cfg.Targets {
+		alerts[name] = t.Alert.ConflictRate
+	}
+	loader := newPageLoader(pool, hist, alerts, o.logger)
+	if o.pageLoader != nil {
+		o.pageLoader <- loader
+	}
+	mux.Handle("GET /{$}", statusPageHandler(loader))
+	history := newHistoryPages(pool, o.logger)
+	if o.historyPages != nil {
+		o.historyPages <- history
+	}
+	mux.Handle("GET /history", history)
 
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
 	}
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	idle := o.idleTimeout
+	if idle <= 0 {
+		idle = httpIdleTimeout
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: idle}
 	srvErr := make(chan error, 1)
 	go func() { srvErr <- srv.Serve(ln) }()
 	o.logger.InfoContext(ctx, "serving", "addr", ln.Addr().String())
@@ -163,6 +187,34 @@ func serve(ctx context.Context, o serveOpts) error {
 		return fmt.Errorf("http server: %w", err)
 	}
 	return errors.Join(runErr, shutErr)
+}
+
+// readyzHandler answers 200 once the processor has started and the
+// database answers with every migration applied, else 503 with the reason.
+func readyzHandler(pool *pgxpool.Pool, started <-chan struct{}) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		rctx, cancel := context.WithTimeout(r.Context(), 3*time.Second)
+		defer cancel()
+		select {
+		case <-started:
+		default:
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintln(w, "starting")
+			return
+		}
+		current, err := db.MigrationsCurrent(rctx, pool)
+		switch {
+		case err != nil:
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintln(w, "database unreachable")
+		case !current:
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintf(w, "migrations pending: run `%s migrate up`\n", self)
+		default:
+			fmt.Fprintln(w, "ready")
+		}
+	})
 }
 
 func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {

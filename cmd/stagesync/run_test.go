@@ -221,3 +221,25 @@ func TestServeShutsDownGracefullyWithRequestsInFlight(t *testing.T) {
 	require.NoError(t, s2.stop())
 	require.Equal(t, 1, sim.Stats().MaxInFlightPerResource)
 }
+
+// A process whose processor is still starting (registering, taking its
+// liveness lock, starting River) is not ready, even with a healthy
+// database: a load balancer or a test must not count on it yet.
+func TestReadyzSaysStartingUntilTheProcessorRuns(t *testing.T) {
+	t.Parallel()
+	_, pool := testDatabase(t)
+	started := make(chan struct{})
+	h := readyzHandler(pool, started)
+	get := func() (int, string) {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequestWithContext(t.Context(), http.MethodGet, "/readyz", nil))
+		return rec.Code, rec.Body.String()
+	}
+	code, body := get()
+	require.Equal(t, http.StatusServiceUnavailable, code, "before start: got %d; want 503", code)
+	require.Equal(t, "starting\n", body)
+	close(started)
+	code, body = get()
+	require.Equal(t, http.StatusOK, code, "after start: got %d %q; want 200", code, body)
+	require.Equal(t, "ready\n", body)
+}

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"flag"
 	"fmt"
 	"io"
 	"maps"
@@ -15,6 +14,7 @@ import (
 	"time"
 	"unicode"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/stagesync/stagesync/db"
@@ -26,43 +26,46 @@ import (
 var terminalStates = []string{"applied", "merged", "noop", "dead", "rejected"}
 
 func cmdStatus(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
-	fs := flag.NewFlagSet("status", flag.ContinueOnError)
-	fs.SetOutput(stdout)
-	dbURL := fs.String("database-url", "", "PostgreSQL URL (default $DATABASE_URL, else the local server)")
+	fs := newFlagSet(ctx, "status", stdout)
+	dbURL := fs.String("database-url", "", "PostgreSQL URL (default $DATABASE_URL, else the PG* variables as psql uses them)")
 	asJSON := fs.Bool("json", false, "print one JSON document (for scripts) instead of tables")
 	watch := fs.Bool("watch", false, "refresh until interrupted, with a progress bar and ETA for the backlog")
 	interval := fs.Duration("interval", 2*time.Second, "refresh interval of --watch")
-	untilDrained := fs.Bool("until-drained", false, "with --watch: exit once nothing is pending or processing")
+	untilDrained := fs.Bool("until-drained", false, "with --watch: exit 0 once work has appeared and nothing is pending or processing")
+	waitForWork := fs.Duration("wait-for-work", time.Minute, "with --until-drained: how long to wait for work to appear when there is none, then exit 1; 0 exits 0 at once")
 	deadMax := fs.Int("dead", 10, "how many of the latest dead letters to show")
-	fs.Usage = func() {
-		fmt.Fprintln(stdout, "usage: stagesync status [--json | --watch [--interval 2s] [--until-drained]] [--dead N] [--database-url URL]")
-		fs.PrintDefaults()
-	}
-	if err := fs.Parse(args); err != nil {
+	hotMax := fs.Int("hot", 10, "how many hot resources (most conflicts in the last 24 hours) to show")
+	pos, err := parseFlags(fs, args)
+	if err != nil {
 		return err
 	}
 	switch {
-	case fs.NArg() > 0:
-		return fmt.Errorf("status: unexpected arguments %q", fs.Args())
+	case len(pos) > 0:
+		return fmt.Errorf("status: unexpected arguments %q", pos)
 	case *watch && *asJSON:
 		return fmt.Errorf("status: --watch and --json don't combine; run --json repeatedly instead")
 	case *interval < 100*time.Millisecond:
 		return fmt.Errorf("status: --interval must be at least 100ms, got %v", *interval)
 	case *deadMax < 0 || *deadMax > 1000:
 		return fmt.Errorf("status: --dead must be between 0 and 1000, got %d", *deadMax)
+	case *hotMax < 0 || *hotMax > 1000:
+		return fmt.Errorf("status: --hot must be between 0 and 1000, got %d", *hotMax)
+	case *waitForWork < 0:
+		return fmt.Errorf("status: --wait-for-work must not be negative, got %v", *waitForWork)
 	}
-	pool, err := db.NewPool(ctx, databaseURL(*dbURL, getenv), 4)
+	pool, err := connect(ctx, resolveDatabase(*dbURL, "", getenv), 4)
 	if err != nil {
 		return err
 	}
 	defer pool.Close()
 
+	limits := statusLimits{dead: *deadMax, hot: *hotMax}
 	if *watch {
 		return watchStatus(ctx, pool, watchOpts{
-			stdout: stdout, interval: *interval, untilDrained: *untilDrained, deadMax: *deadMax, now: time.Now,
+			stdout: stdout, interval: *interval, untilDrained: *untilDrained, waitForWork: *waitForWork, limits: limits, now: time.Now,
 		})
 	}
-	rep, err := collectStatus(ctx, pool, time.Now(), *deadMax)
+	rep, err := readStatus(ctx, pool, time.Now(), limits)
 	if err != nil {
 		return err
 	}
@@ -70,6 +73,28 @@ func cmdStatus(ctx context.Context, args []string, getenv func(string) string, s
 		return writeStatusJSON(stdout, rep)
 	}
 	return writeStatusText(stdout, rep)
+}
+
+// statusLimits bounds the lists of a status report.
+type statusLimits struct {
+	dead, hot int
+}
+
+// readOnlySnapshot runs fn in one REPEATABLE READ, read-only transaction,
+// so every query in it sees the same instant: a report's figures add up.
+func readOnlySnapshot(ctx context.Context, pool *pgxpool.Pool, fn func(pgx.Tx) error) error {
+	return pgx.BeginTxFunc(ctx, pool, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly}, fn)
+}
+
+// readStatus is collectStatus in a snapshot of its own.
+func readStatus(ctx context.Context, pool *pgxpool.Pool, now time.Time, limits statusLimits) (*statusReport, error) {
+	var rep *statusReport
+	err := readOnlySnapshot(ctx, pool, func(tx pgx.Tx) error {
+		var err error
+		rep, err = collectStatus(ctx, tx, now, limits)
+		return err
+	})
+	return rep, err
 }
 
 func writeStatusJSON(w io.Writer, rep *statusReport) error {
@@ -83,12 +108,73 @@ func writeStatusJSON(w io.Writer, rep *statusReport) error {
 
 // statusReport is what `stagesync status --json` prints.
 type statusReport struct {
-	GeneratedAt time.Time       `json:"generated_at"`
-	Backlog     []backlogRow    `json:"backlog"`
-	Totals      backlogTotals   `json:"totals"`
-	LastHour    []lastHourRow   `json:"last_hour"`
-	DeadLetters []deadLetterRow `json:"dead_letters"`
+	GeneratedAt  time.Time       `json:"generated_at"`
+	Backlog      []backlogRow    `json:"backlog"`
+	Totals       backlogTotals   `json:"totals"`
+	Health       []targetHealth  `json:"health"`
+	Processes    []processRow    `json:"processes"`
+	LastHour     []lastHourRow   `json:"last_hour"`
+	HotResources []hotResource   `json:"hot_resources"`
+	DeadLetters  []deadLetterRow `json:"dead_letters"`
 }
+
+// targetHealth is one registered target's pause (throttling applies to every
+// process) and what each live process serving it sees of the remote.
+type targetHealth struct {
+	Target string `json:"target"`
+	// PausedUntil is set while the target is paused (only a future time).
+	PausedUntil *time.Time      `json:"paused_until"`
+	PauseReason *string         `json:"pause_reason"`
+	Processes   []processHealth `json:"processes"`
+}
+
+// processHealth is one target_health row.
+type processHealth struct {
+	ClientID string `json:"client_id"`
+	Hostname string `json:"hostname"`
+	PID      int32  `json:"pid"`
+	// InflightLimit is the adaptive limit of requests in flight (AIMD),
+	// at most Concurrency.
+	InflightLimit int32 `json:"inflight_limit"`
+	Concurrency   int32 `json:"concurrency"`
+	// RateShare is this process's share of the target's rate limit
+	// (requests/s); nil when unlimited.
+	RateShare           *float64   `json:"rate_share"`
+	LastSuccessAt       *time.Time `json:"last_success_at"`
+	LastErrorAt         *time.Time `json:"last_error_at"`
+	LastError           *string    `json:"last_error"`
+	ConsecutiveFailures int32      `json:"consecutive_failures"`
+	UpdatedAt           time.Time  `json:"updated_at"`
+}
+
+// processRow is one live `stagesync run` process.
+type processRow struct {
+	ClientID    string    `json:"client_id"`
+	Hostname    string    `json:"hostname"`
+	PID         int32     `json:"pid"`
+	Targets     []string  `json:"targets"`
+	StartedAt   time.Time `json:"started_at"`
+	HeartbeatAt time.Time `json:"heartbeat_at"`
+}
+
+// hotResource is one row of stagesync.hot_resources (the last 24 hours).
+type hotResource struct {
+	Target         string     `json:"target"`
+	ResourceID     string     `json:"resource_id"`
+	Requests       int64      `json:"requests"`
+	Conflicts      int64      `json:"conflicts"`
+	ConflictRate   float64    `json:"conflict_rate"`
+	Merges         int64      `json:"merges"`
+	NeedsReview    int64      `json:"needs_review"`
+	LastConflictAt *time.Time `json:"last_conflict_at"`
+	// ChangedFields are the fields of the upstream's changes that people
+	// had changed on the remote (what the merges had to decide).
+	ChangedFields []string `json:"changed_fields"`
+}
+
+// hotWindow is the span of the hot-resource report, as in the
+// stagesync.hot_resources view.
+const hotWindow = 24 * time.Hour
 
 // backlogRow is one target's open work: changes not yet terminal, and the
 // River jobs of its queue that will carry them.
@@ -132,17 +218,19 @@ type deadLetterRow struct {
 	FinishedAt *time.Time `json:"finished_at"`
 }
 
-// collectStatus reads everything `status` shows. now is the report's time:
-// the last hour ends there and pending ages are measured from it.
-func collectStatus(ctx context.Context, pool *pgxpool.Pool, now time.Time, deadMax int) (*statusReport, error) {
+// collectStatus reads everything `status` shows, through tx (a snapshot:
+// readOnlySnapshot). now is the report's time: the last hour ends there and
+// pending ages are measured from it.
+func collectStatus(ctx context.Context, tx pgx.Tx, now time.Time, limits statusLimits) (*statusReport, error) {
 	q := db.New()
-	rep := &statusReport{GeneratedAt: now.UTC(), Backlog: []backlogRow{}, LastHour: []lastHourRow{}, DeadLetters: []deadLetterRow{}}
+	rep := &statusReport{GeneratedAt: now.UTC(), Backlog: []backlogRow{}, Health: []targetHealth{}, Processes: []processRow{},
+		LastHour: []lastHourRow{}, HotResources: []hotResource{}, DeadLetters: []deadLetterRow{}}
 
-	backlog, err := q.StatusBacklog(ctx, pool)
+	backlog, err := q.StatusBacklog(ctx, tx)
 	if err != nil {
 		return nil, fmt.Errorf("read backlog: %w", err)
 	}
-	jobs, err := riverJobs(ctx, pool)
+	jobs, err := riverJobs(ctx, tx)
 	if err != nil {
 		return nil, err
 	}
@@ -177,7 +265,7 @@ func collectStatus(ctx context.Context, pool *pgxpool.Pool, now time.Time, deadM
 	for _, b := range backlog {
 		get(b.Target)
 	}
-	attempts, err := q.AttemptsCountSince(ctx, pool, since)
+	attempts, err := q.AttemptsCountSince(ctx, tx, since)
 	if err != nil {
 		return nil, fmt.Errorf("count requests of the last hour: %w", err)
 	}
@@ -188,7 +276,7 @@ func collectStatus(ctx context.Context, pool *pgxpool.Pool, now time.Time, deadM
 			r.Conflicts += a.N
 		}
 	}
-	finished, err := q.ChangesFinishedSince(ctx, pool, since)
+	finished, err := q.ChangesFinishedSince(ctx, tx, since)
 	if err != nil {
 		return nil, fmt.Errorf("count changes finished in the last hour: %w", err)
 	}
@@ -203,8 +291,30 @@ func collectStatus(ctx context.Context, pool *pgxpool.Pool, now time.Time, deadM
 		rep.LastHour = append(rep.LastHour, *r)
 	}
 
-	if deadMax > 0 {
-		dead, err := q.DeadLettersLatest(ctx, pool, int32(deadMax))
+	if err := collectHealth(ctx, q, tx, now, rep); err != nil {
+		return nil, err
+	}
+	if limits.hot > 0 {
+		hot, err := q.StatusHotResources(ctx, tx, db.StatusHotResourcesParams{Since: now.Add(-hotWindow), MaxRows: int32(limits.hot)})
+		if err != nil {
+			return nil, fmt.Errorf("read hot resources: %w", err)
+		}
+		for _, h := range hot {
+			row := hotResource{Target: h.Target, ResourceID: h.ResourceID, Requests: h.Requests, Conflicts: h.Conflicts, ConflictRate: h.ConflictRate,
+				Merges: h.Merges, NeedsReview: h.NeedsReview, ChangedFields: h.ChangedFields}
+			if h.LastConflictAt.After(time.Unix(0, 0)) {
+				at := h.LastConflictAt.UTC()
+				row.LastConflictAt = &at
+			}
+			if row.ChangedFields == nil {
+				row.ChangedFields = []string{}
+			}
+			rep.HotResources = append(rep.HotResources, row)
+		}
+	}
+
+	if limits.dead > 0 {
+		dead, err := q.DeadLettersLatest(ctx, tx, int32(limits.dead))
 		if err != nil {
 			return nil, fmt.Errorf("read dead letters: %w", err)
 		}
@@ -223,10 +333,59 @@ func collectStatus(ctx context.Context, pool *pgxpool.Pool, now time.Time, deadM
 	return rep, nil
 }
 
+// collectHealth reads the targets' pauses, their per-process health and the
+// live processes.
+func collectHealth(ctx context.Context, q *db.Queries, tx pgx.Tx, now time.Time, rep *statusReport) error {
+	health, err := q.StatusTargetHealth(ctx, tx)
+	if err != nil {
+		return fmt.Errorf("read target health: %w", err)
+	}
+	for _, h := range health {
+		if n := len(rep.Health); n == 0 || rep.Health[n-1].Target != h.Target {
+			th := targetHealth{Target: h.Target, Processes: []processHealth{}}
+			if h.PausedUntil != nil && h.PausedUntil.After(now) {
+				th.PausedUntil, th.PauseReason = utcPtr(h.PausedUntil), h.PauseReason
+			}
+			rep.Health = append(rep.Health, th)
+		}
+		if h.ClientID == nil {
+			continue // no process serves the target
+		}
+		ph := processHealth{ClientID: *h.ClientID, Hostname: deref(h.Hostname), RateShare: h.RateShare,
+			LastSuccessAt: utcPtr(h.LastSuccessAt), LastErrorAt: utcPtr(h.LastErrorAt), LastError: h.LastError}
+		if h.Pid != nil {
+			ph.PID = *h.Pid
+		}
+		if h.InflightLimit != nil {
+			ph.InflightLimit = *h.InflightLimit
+		}
+		if h.Concurrency != nil {
+			ph.Concurrency = *h.Concurrency
+		}
+		if h.ConsecutiveFailures != nil {
+			ph.ConsecutiveFailures = *h.ConsecutiveFailures
+		}
+		if h.UpdatedAt != nil {
+			ph.UpdatedAt = h.UpdatedAt.UTC()
+		}
+		th := &rep.Health[len(rep.Health)-1]
+		th.Processes = append(th.Processes, ph)
+	}
+	procs, err := q.StatusProcesses(ctx, tx)
+	if err != nil {
+		return fmt.Errorf("read processes: %w", err)
+	}
+	for _, p := range procs {
+		rep.Processes = append(rep.Processes, processRow{ClientID: p.ClientID, Hostname: p.Hostname, PID: p.Pid, Targets: p.Targets,
+			StartedAt: p.StartedAt.UTC(), HeartbeatAt: p.HeartbeatAt.UTC()})
+	}
+	return nil
+}
+
 // riverJobs counts River's live jobs (not completed, cancelled or
 // discarded) per queue and state.
-func riverJobs(ctx context.Context, pool *pgxpool.Pool) (map[string]map[string]int64, error) {
-	rows, err := db.New().RiverQueueDepth(ctx, pool)
+func riverJobs(ctx context.Context, conn db.DBTX) (map[string]map[string]int64, error) {
+	rows, err := db.New().RiverQueueDepth(ctx, conn)
 	if err != nil {
 		return nil, fmt.Errorf("count River jobs: %w", err)
 	}
@@ -258,6 +417,11 @@ func writeStatusText(w io.Writer, rep *statusReport) error {
 		fmt.Fprintf(w, "%-*s  %9d  %10d  %14s  %12d  %11d  %14d\n", tw, b.Target, b.Pending, b.Processing, age, b.JobsRunning, b.JobsAvailable, b.JobsScheduled)
 	}
 	fmt.Fprintf(w, "%-*s  %9d  %10d\n\n", tw, "total", rep.Totals.Pending, rep.Totals.Processing)
+
+	if err := writeHealthText(w, rep); err != nil {
+		return err
+	}
+
 	fmt.Fprintf(w, "%-*s  %9s  %10s  %14s  %8s  %7s  %5s  %5s  %8s\n", tw, "LAST HOUR", "requests", "conflicts", "conflict rate", "applied", "merged", "noop", "dead", "rejected")
 	for _, h := range rep.LastHour {
 		fmt.Fprintf(w, "%-*s  %9d  %10d  %14s  %8d  %7d  %5d  %5d  %8d\n", tw, h.Target, h.Requests, h.Conflicts, formatPercent(h.ConflictRate),
@@ -272,6 +436,10 @@ func writeStatusText(w io.Writer, rep *statusReport) error {
 		scheduled += b.JobsScheduled
 	}
 	fmt.Fprintf(w, ", %d jobs running, %d jobs queued, %d jobs scheduled for a retry\n", running, queued, scheduled)
+
+	if err := writeHotText(w, rep); err != nil {
+		return err
+	}
 
 	if len(rep.DeadLetters) == 0 {
 		_, err := fmt.Fprintf(w, "\nDEAD LETTERS: none\n")
@@ -290,6 +458,113 @@ func writeStatusText(w io.Writer, rep *statusReport) error {
 	if err := tab.Flush(); err != nil {
 		return fmt.Errorf("write status: %w", err)
 	}
+	_, err := fmt.Fprintf(w, "what happened to one: %s history --change ID\n", self)
+	return err
+}
+
+// staleHealth is how old a target_health row may be before status calls it
+// stale: processes rewrite theirs every few seconds.
+const staleHealth = time.Minute
+
+// writeHealthText prints each target's health, one line per process that
+// serves it, and the live processes.
+func writeHealthText(w io.Writer, rep *statusReport) error {
+	now := rep.GeneratedAt
+	ago := func(t *time.Time) string {
+		if t == nil {
+			return "never"
+		}
+		return formatAge(max(0, now.Sub(*t))) + " ago"
+	}
+	tab := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(tab, "HEALTH\tstate\tprocess\tin-flight limit\tlast success\tfailures\tlast error\n")
+	for _, h := range rep.Health {
+		pause := ""
+		if h.PausedUntil != nil {
+			pause = fmt.Sprintf("PAUSED %s (until %s)", formatAge(h.PausedUntil.Sub(now)), h.PausedUntil.Format(time.TimeOnly))
+			if h.PauseReason != nil && *h.PauseReason != "" {
+				pause += ": " + oneLine(*h.PauseReason, 80)
+			}
+		}
+		if len(h.Processes) == 0 {
+			state := "no live process serves it"
+			if pause != "" {
+				state = pause + "; " + state
+			}
+			fmt.Fprintf(tab, "%s\t%s\t-\t-\t-\t-\t-\n", h.Target, state)
+			continue
+		}
+		for _, p := range h.Processes {
+			state := "ok"
+			switch {
+			case pause != "":
+				state = pause
+			case p.ConsecutiveFailures > 0:
+				state = "FAILING"
+			}
+			if now.Sub(p.UpdatedAt) > staleHealth {
+				state += " (stale: updated " + ago(&p.UpdatedAt) + ")"
+			}
+			lastErr := "-"
+			if p.LastErrorAt != nil {
+				lastErr = ago(p.LastErrorAt) + ": " + oneLine(deref(p.LastError), 100)
+			}
+			fmt.Fprintf(tab, "%s\t%s\t%s\t%d/%d\t%s\t%d\t%s\n", h.Target, state, processName(p.Hostname, p.PID),
+				p.InflightLimit, p.Concurrency, ago(p.LastSuccessAt), p.ConsecutiveFailures, lastErr)
+		}
+	}
+	if len(rep.Health) == 0 {
+		fmt.Fprintf(tab, "(no targets registered)\n")
+	}
+	if err := tab.Flush(); err != nil {
+		return fmt.Errorf("write status: %w", err)
+	}
+
+	if len(rep.Processes) == 0 {
+		_, err := fmt.Fprintf(w, "\nPROCESSES: none running (nothing is being applied)\n\n")
+		return err
+	}
+	fmt.Fprintf(w, "\nPROCESSES (%d live)\n", len(rep.Processes))
+	tab = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(tab, "process\tclient id\ttargets\tstarted\theartbeat\n")
+	for _, p := range rep.Processes {
+		fmt.Fprintf(tab, "%s\t%s\t%s\t%s\t%s\n", processName(p.Hostname, p.PID), oneLine(p.ClientID, 60),
+			oneLine(strings.Join(p.Targets, ","), 60), p.StartedAt.Format(time.DateTime), ago(&p.HeartbeatAt))
+	}
+	if err := tab.Flush(); err != nil {
+		return fmt.Errorf("write status: %w", err)
+	}
+	_, err := fmt.Fprintln(w)
+	return err
+}
+
+func processName(host string, pid int32) string {
+	return fmt.Sprintf("%s pid %d", oneLine(host, 60), pid)
+}
+
+func writeHotText(w io.Writer, rep *statusReport) error {
+	if len(rep.HotResources) == 0 {
+		_, err := fmt.Fprintf(w, "\nHOT RESOURCES (last 24 hours): none had a conflict\n")
+		return err
+	}
+	fmt.Fprintf(w, "\nHOT RESOURCES (most conflicts in the last 24 hours; all: SELECT * FROM stagesync.hot_resources)\n")
+	tab := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(tab, "target\tresource\tconflicts\trequests\tconflict rate\tmerges\tneeds review\tlast conflict\tfields people changed\n")
+	for _, h := range rep.HotResources {
+		last := "-"
+		if h.LastConflictAt != nil {
+			last = formatAge(max(0, rep.GeneratedAt.Sub(*h.LastConflictAt))) + " ago"
+		}
+		fields := strings.Join(h.ChangedFields, ", ")
+		if fields == "" {
+			fields = "-"
+		}
+		fmt.Fprintf(tab, "%s\t%s\t%d\t%d\t%s\t%d\t%d\t%s\t%s\n", h.Target, oneLine(h.ResourceID, 40), h.Conflicts, h.Requests,
+			formatPercent(h.ConflictRate), h.Merges, h.NeedsReview, last, oneLine(fields, 80))
+	}
+	if err := tab.Flush(); err != nil {
+		return fmt.Errorf("write status: %w", err)
+	}
 	return nil
 }
 
@@ -297,13 +572,17 @@ type watchOpts struct {
 	stdout       io.Writer
 	interval     time.Duration
 	untilDrained bool
-	deadMax      int
-	now          func() time.Time
+	// waitForWork is how long --until-drained waits for work to appear.
+	waitForWork time.Duration
+	limits      statusLimits
+	now         func() time.Time
 }
 
 // watchStatus refreshes the status until ctx ends (or, with untilDrained,
-// until the backlog is empty). Progress counts the changes finished since
-// the watch began against those still open. On a terminal the screen is
+// until work has appeared and the backlog is empty). Progress counts the
+// changes finished since the watch began against those still open, all read
+// in one snapshot per refresh (see WatchBaseline), so done + open never
+// shrinks and never exceeds what was staged. On a terminal the screen is
 // redrawn; otherwise one progress line is printed per refresh, which reads
 // well in logs and CI.
 func watchStatus(ctx context.Context, pool *pgxpool.Pool, o watchOpts) error {
@@ -311,31 +590,50 @@ func watchStatus(ctx context.Context, pool *pgxpool.Pool, o watchOpts) error {
 	start := o.now()
 	meter := rateMeter{window: 30 * time.Second}
 	q := db.New()
+	var base db.WatchBaselineRow
+	var baseDone int64
+	started := false
 	ticker := time.NewTicker(o.interval)
 	defer ticker.Stop()
 	for {
 		now := o.now()
-		rep, err := collectStatus(ctx, pool, now, o.deadMax)
+		var rep *statusReport
+		var finished int64
+		err := readOnlySnapshot(ctx, pool, func(tx pgx.Tx) error {
+			b, bDone := base, baseDone
+			if !started {
+				var err error
+				if b, err = q.WatchBaseline(ctx, tx); err != nil {
+					return fmt.Errorf("read where the watch starts: %w", err)
+				}
+				if bDone, err = q.WatchFinishedCount(ctx, tx, db.WatchFinishedCountParams(b)); err != nil {
+					return fmt.Errorf("count finished changes: %w", err)
+				}
+			}
+			var err error
+			if rep, err = collectStatus(ctx, tx, now, o.limits); err != nil {
+				return err
+			}
+			if finished, err = q.WatchFinishedCount(ctx, tx, db.WatchFinishedCountParams(b)); err != nil {
+				return fmt.Errorf("count finished changes: %w", err)
+			}
+			base, baseDone, started = b, bDone, true
+			return nil
+		})
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
 			}
 			return err
 		}
-		fin, err := q.ChangesFinishedSince(ctx, pool, start)
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			return fmt.Errorf("count finished changes: %w", err)
-		}
-		var done int64
-		for _, f := range fin {
-			done += f.N
-		}
+		done := finished - baseDone
 		open := rep.Totals.Pending + rep.Totals.Processing
 		meter.add(now, done)
 		line := progressLine(done, done+open, meter.rate(), 40)
+		waiting := o.untilDrained && done+open == 0
+		if waiting && o.waitForWork > 0 {
+			line = fmt.Sprintf("no work yet: waiting up to %v for changes to be staged (--wait-for-work)", o.waitForWork)
+		}
 		if tty {
 			// Home, clear screen, then the whole status and the bar.
 			fmt.Fprint(o.stdout, "\x1b[H\x1b[2J")
@@ -348,7 +646,14 @@ func watchStatus(ctx context.Context, pool *pgxpool.Pool, o watchOpts) error {
 			return fmt.Errorf("write progress: %w", err)
 		}
 		if o.untilDrained && open == 0 {
-			return nil
+			switch {
+			case !waiting:
+				return nil
+			case o.waitForWork == 0:
+				return nil // asked not to wait: nothing is open, so it is drained
+			case now.Sub(start) >= o.waitForWork:
+				return fmt.Errorf("status: no work appeared within %v (--wait-for-work); nothing was drained", o.waitForWork)
+			}
 		}
 		select {
 		case <-ctx.Done():

@@ -2,14 +2,19 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/stretchr/testify/require"
+
+	"github.com/stagesync/stagesync/test/remotesim"
 )
 
 // statusFixture is a database whose figures the status tests know exactly.
@@ -72,7 +77,7 @@ func TestStatusJSONHasTheDatabaseFigures(t *testing.T) {
 	t.Parallel()
 	f := newStatusFixture(t)
 
-	rep, err := collectStatus(t.Context(), f.pool, f.now, 10)
+	rep, err := readStatus(t.Context(), f.pool, f.now, statusLimits{dead: 10, hot: 10})
 	require.NoError(t, err)
 	var out bytes.Buffer
 	require.NoError(t, writeStatusJSON(&out, rep))
@@ -87,6 +92,11 @@ func TestStatusJSONHasTheDatabaseFigures(t *testing.T) {
 	     "jobs_available": 0, "jobs_running": 0, "jobs_scheduled": 0}
 	  ],
 	  "totals": {"pending": 4, "processing": 2},
+	  "health": [
+	    {"target": "alpha", "paused_until": null, "pause_reason": null, "processes": []},
+	    {"target": "beta", "paused_until": null, "pause_reason": null, "processes": []}
+	  ],
+	  "processes": [],
 	  "last_hour": [
 	    {"target": "alpha", "requests": 10, "conflicts": 3, "conflict_rate": 0.3,
 	     "finished": {"applied": 4, "merged": 1, "noop": 0, "dead": 1, "rejected": 0}},
@@ -98,9 +108,23 @@ func TestStatusJSONHasTheDatabaseFigures(t *testing.T) {
 	     "last_error": %q, "finished_at": %q},
 	    {"id": %d, "target": "alpha", "resource_id": "a9", "status": "dead", "attempts": 10,
 	     "last_error": %q, "finished_at": %q}
+	  ],
+	  "hot_resources": [
+	    {"target": "alpha", "resource_id": "r1", "requests": 2, "conflicts": 2, "conflict_rate": 1, "merges": 0, "needs_review": 0,
+	     "last_conflict_at": %q, "changed_fields": []},
+	    {"target": "alpha", "resource_id": "r2", "requests": 2, "conflicts": 2, "conflict_rate": 1, "merges": 0, "needs_review": 0,
+	     "last_conflict_at": %q, "changed_fields": []},
+	    {"target": "alpha", "resource_id": "r3", "requests": 2, "conflicts": 2, "conflict_rate": 1, "merges": 0, "needs_review": 0,
+	     "last_conflict_at": %q, "changed_fields": []},
+	    {"target": "alpha", "resource_id": "r4", "requests": 2, "conflicts": 1, "conflict_rate": 0.5, "merges": 0, "needs_review": 0,
+	     "last_conflict_at": %q, "changed_fields": []},
+	    {"target": "alpha", "resource_id": "r5", "requests": 2, "conflicts": 1, "conflict_rate": 0.5, "merges": 0, "needs_review": 0,
+	     "last_conflict_at": %q, "changed_fields": []}
 	  ]
 	}`, ts(f.now), ts(f.oldestAlpha), ts(f.oldestBeta),
-		f.rejID, f.rejectedReason, ts(f.rejFinished), f.deadID, f.deadLastError, ts(f.deadFinished))
+		f.rejID, f.rejectedReason, ts(f.rejFinished), f.deadID, f.deadLastError, ts(f.deadFinished),
+		ts(f.now.Add(-10*time.Minute)), ts(f.now.Add(-10*time.Minute)), ts(f.now.Add(-10*time.Minute)),
+		ts(f.now.Add(-2*time.Hour)), ts(f.now.Add(-2*time.Hour)))
 	require.JSONEq(t, want, out.String())
 }
 
@@ -281,4 +305,133 @@ func TestStatusTextDropsTerminalEscapes(t *testing.T) {
 	require.NotContains(t, text, "\x07")
 	require.Contains(t, text, "  a[2Jb  ")
 	require.Contains(t, text, "  gave up: 503 [2J]0;ownedservice unavailable\n")
+}
+
+// progressRE reads done and total from a --watch progress line.
+var progressRE = regexp.MustCompile(`\]  (\d+)/(\d+) `)
+
+func progressOf(t *testing.T, lines []string) (done, total []int64) {
+	t.Helper()
+	for _, l := range lines {
+		if m := progressRE.FindStringSubmatch(l); m != nil {
+			d, err := strconv.ParseInt(m[1], 10, 64)
+			require.NoError(t, err)
+			n, err := strconv.ParseInt(m[2], 10, 64)
+			require.NoError(t, err)
+			done, total = append(done, d), append(total, n)
+		}
+	}
+	return done, total
+}
+
+// A change whose recording transaction began before the watch and
+// committed after it has finished_at before the watch's start: counting
+// "finished since start" missed it, and the total fell (3/3 → 0/0).
+func TestStatusWatchCountsAChangeFinishedByATransactionOlderThanTheWatch(t *testing.T) {
+	t.Parallel()
+	url, pool := testDatabase(t)
+	insertTarget(t, pool, "alpha")
+	for i := range 3 {
+		insertFixture(t, pool, fixture{target: "alpha", resourceID: fmt.Sprintf("r%d", i), status: "processing"})
+	}
+	// The processor's recording transaction: now() is fixed at its start.
+	tx, err := pool.Begin(t.Context())
+	require.NoError(t, err)
+	defer tx.Rollback(context.WithoutCancel(t.Context())) //nolint:errcheck // committed below
+	_, err = tx.Exec(t.Context(), `SELECT now()`)
+	require.NoError(t, err)
+	time.Sleep(50 * time.Millisecond)
+
+	out := &lockedBuffer{}
+	done := make(chan error, 1)
+	go func() {
+		done <- run(t.Context(), []string{"status", "--watch", "--interval", "100ms", "--until-drained", "--database-url", url},
+			func(string) string { return "" }, out)
+	}()
+	waitFor(t, 10*time.Second, "the first progress line", func() bool { return strings.Contains(out.String(), "0/3") })
+	_, err = tx.Exec(t.Context(), `UPDATE stagesync.changes SET status = 'applied', finished_at = now()`)
+	require.NoError(t, err)
+	require.NoError(t, tx.Commit(t.Context()))
+	select {
+	case err := <-done:
+		require.NoError(t, err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("status --watch --until-drained did not exit after the backlog drained")
+	}
+	ls := lines(out.String())
+	d, n := progressOf(t, ls)
+	require.Equal(t, int64(3), d[len(d)-1], "done at the end; lines:\n%s", out.String())
+	for i := range n {
+		require.Equal(t, int64(3), n[i], "total of line %d; lines:\n%s", i, out.String())
+	}
+	require.True(t, strings.HasSuffix(ls[len(ls)-1], "  drained"), "last line: %q", ls[len(ls)-1])
+}
+
+// --until-drained started before anything is staged waits for the work,
+// and while a real processor drains it the totals never go backwards nor
+// exceed what was staged.
+func TestStatusWatchUntilDrainedWaitsForWorkAndNeverGoesBackwards(t *testing.T) {
+	t.Parallel()
+	dbURL, pool := testDatabase(t)
+	sim, hs := newSim(t, remotesim.Options{Seed: 3, Latency: 10 * time.Millisecond})
+	const n = 400
+	for i := range n / 4 {
+		sim.Put(fmt.Sprintf("a-%03d", i), map[string]any{"owner": "rep-1", "status": "active"})
+	}
+	startServe(t, dbURL, pool, testConfig(t, hs.URL, "    batch_size: 20\n    concurrency: 2\n"))
+
+	out := &lockedBuffer{}
+	done := make(chan error, 1)
+	go func() {
+		done <- run(t.Context(), []string{"status", "--watch", "--interval", "100ms", "--until-drained", "--wait-for-work", "60s", "--database-url", dbURL},
+			func(string) string { return "" }, out)
+	}()
+	defer func() { t.Logf("watch output:\n%s", out.String()) }()
+	waitFor(t, 10*time.Second, "the watch to wait for work", func() bool {
+		return strings.Contains(out.String(), "no work yet: waiting up to 1m0s for changes to be staged (--wait-for-work)")
+	})
+	// Four upstream batches, each touching every resource once.
+	for b := range 4 {
+		var pairs []string
+		for i := range n / 4 {
+			pairs = append(pairs, fmt.Sprintf("a-%03d", i), fmt.Sprintf(`{"status": "s%d"}`, b))
+		}
+		stage(t, pool, pairs...)
+		time.Sleep(30 * time.Millisecond)
+	}
+	select {
+	case err := <-done:
+		require.NoError(t, err)
+	case <-time.After(120 * time.Second):
+		t.Fatalf("the watch did not end; output:\n%s", out.String())
+	}
+	d, tot := progressOf(t, lines(out.String()))
+	require.Greater(t, len(tot), 5, "progress lines during the drain")
+	for i := 1; i < len(tot); i++ {
+		require.GreaterOrEqual(t, tot[i], tot[i-1], "total went backwards at line %d; output:\n%s", i, out.String())
+		require.GreaterOrEqual(t, d[i], d[i-1], "done went backwards at line %d", i)
+	}
+	for i := range tot {
+		require.LessOrEqual(t, tot[i], int64(n), "a total beyond what was staged")
+		require.LessOrEqual(t, d[i], tot[i])
+	}
+	require.Equal(t, int64(n), d[len(d)-1])
+	require.Equal(t, int64(n), tot[len(tot)-1])
+}
+
+func TestStatusWatchUntilDrainedGivesUpWhenNoWorkAppears(t *testing.T) {
+	t.Parallel()
+	url, pool := testDatabase(t)
+	insertTarget(t, pool, "alpha")
+	var out bytes.Buffer
+	err := run(t.Context(), []string{"status", "--watch", "--interval", "100ms", "--until-drained", "--wait-for-work", "300ms", "--database-url", url},
+		func(string) string { return "" }, &out)
+	require.EqualError(t, err, "status: no work appeared within 300ms (--wait-for-work); nothing was drained")
+	require.Contains(t, out.String(), "no work yet: waiting up to 300ms for changes to be staged (--wait-for-work)\n")
+	require.NotContains(t, out.String(), "drained\n")
+
+	out.Reset()
+	require.NoError(t, run(t.Context(), []string{"status", "--watch", "--until-drained", "--wait-for-work", "0", "--database-url", url},
+		func(string) string { return "" }, &out), "--wait-for-work 0: nothing open means drained")
+	require.Contains(t, out.String(), "0/0  100%  0/s  drained\n")
 }

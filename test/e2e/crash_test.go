@@ -43,7 +43,7 @@ func TestExactlyOnceInOrderAcrossCrashes(t *testing.T) {
 	fields := []string{"status", "owner", "region"}
 	h.seed(ids, map[string]any{"status": "s0", "owner": "o0", "region": "r0"})
 	cfg := h.writeConfig(configYAML(
-		map[string]string{"rescue_after": "2s", "poll_interval": "500ms", "shutdown_grace": "1s"},
+		map[string]string{"poll_interval": "500ms", "shutdown_grace": "1s"},
 		map[string]string{"batch_size": "10", "workers": "4", "concurrency": "8", "timeout": "1s",
 			"max_attempts": "200", "merge": "{default: ours, fields: {owner: theirs}}"}))
 	const app = "stagesync-crash"

@@ -54,7 +54,7 @@ func crashPoint(t *testing.T, point string, personEdits bool) {
 	h := newHarness(t, remotesim.Options{ConflictStatus: 412})
 	h.sim.Put("acct", map[string]any{"status": "open", "owner": "seed"})
 	cfg := h.writeConfig(configYAML(
-		map[string]string{"rescue_after": "2s", "poll_interval": "500ms", "shutdown_grace": "1s"},
+		map[string]string{"poll_interval": "500ms", "shutdown_grace": "1s"},
 		map[string]string{"timeout": "2s", "max_attempts": "50"}))
 	proc := h.startRunAs("run-1", cfg, app)
 	// Wave 1 stores the ETag: the next write goes out at once with If-Match.

@@ -99,6 +99,7 @@ func TestFaultsTimeoutsAndRetryAfter(t *testing.T) {
 // Retries wait what the target's backoff (or the remote's Retry-After)
 // says, not more: after a 500 the next attempt comes within backoff.max,
 // after a 503 with Retry-After: 1 within that second, plus scheduling slack.
+// Only the 500s count as attempts: a 503 is throttling.
 func TestRetryDelaysFollowBackoffAndRetryAfter(t *testing.T) {
 	t.Parallel()
 	const (
@@ -117,7 +118,7 @@ func TestRetryDelaysFollowBackoffAndRetryAfter(t *testing.T) {
 	require.Equal(t, 4, r.attempts, "attempts: got %d; want 4", r.attempts)
 
 	reqs := h.sim.Requests()
-	require.Len(t, reqs, 4, "requests: got %d; want 4", len(reqs))
+	require.Len(t, reqs, 7, "requests: got %d; want 7 (4 counted 500s, 3 uncounted 503s between them)", len(reqs))
 	var seen []string
 	for i := 1; i < len(reqs); i++ {
 		seen = append(seen, fmt.Sprintf("after %d: %s", reqs[i-1].Status, reqs[i].Start.Sub(reqs[i-1].End).Round(time.Millisecond)))

@@ -56,7 +56,8 @@ func TestTwoProcessesNeverOverlapOnAResource(t *testing.T) {
 	h.requireAuditMatchesRemote()
 }
 
-// kill -9 mid-drain, then a restart with dispatch.rescue_after 2s, while
+// kill -9 mid-drain, then a restart (which hands the dead process's
+// running jobs back by liveness, with the default rescue_after), while
 // more changes arrive for some resources. The writes the dead process made
 // but never recorded were made durable before they left: each becomes an
 // 'unknown' attempts row and puts its resource in doubt, and the restart
@@ -70,7 +71,7 @@ func TestCrashMidDrainAndRestart(t *testing.T) {
 	base := map[string]any{"seq": -1, "w0": -1, "w1": -1, "w2": -1}
 	h.seed(ids, base)
 	cfg := h.writeConfig(configYAML(
-		map[string]string{"rescue_after": "2s", "poll_interval": "1s", "shutdown_grace": "2s"},
+		map[string]string{"poll_interval": "1s", "shutdown_grace": "2s"},
 		map[string]string{"batch_size": "50", "workers": "4", "concurrency": "4", "timeout": "1s"}))
 	first := h.startRun("run-1", cfg)
 

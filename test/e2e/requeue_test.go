@@ -25,7 +25,10 @@ func TestDeadFixRequeue(t *testing.T) {
 	}{
 		{name: "missing_batch_lookup", batchPath: "/assignments", missing: true, wantStatus: "rejected", wantError: "not found", attempts: 0},
 		{name: "missing_single_get", missing: true, wantStatus: "rejected", wantError: "not found", attempts: 0},
-		{name: "remote_down", batchPath: "/assignments", faults: remotesim.Faults{ErrorRate: 1}, wantStatus: "dead", wantError: "gave up after 2 attempts", attempts: 2},
+		// Single GETs: the simulator alternates 500 and 503, and a 503 is
+		// throttling (no attempt); with a batch lookup taking every 500,
+		// each GET would get a 503 and the change wait for give_up_after.
+		{name: "remote_down", faults: remotesim.Faults{ErrorRate: 1}, wantStatus: "dead", wantError: "gave up after 2 attempts", attempts: 2},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
