@@ -207,6 +207,10 @@ func TestMergePolicies(t *testing.T) {
 					}
 					if r.status != "dead" {
 						require.Equal(t, wantDetail, h.outcomeDetail(cid), "outcome_detail of change %d: got %q; want %q", cid, h.outcomeDetail(cid), wantDetail)
+						var shown string
+						require.NoError(t, h.pool.QueryRow(context.Background(), `SELECT coalesce(detail->>'outcome_detail', '')
+							FROM stagesync.change_history($1) WHERE event = 'finished'`, cid).Scan(&shown))
+						require.Equal(t, wantDetail, shown, "change_history's finished event of change %d: got %q; want %q", cid, shown, wantDetail)
 					}
 				}
 				// Written changes carry the ETag of their write; the stored
