@@ -237,6 +237,9 @@ func (r *remote) send(ctx context.Context, req request) response {
 		// body is missing. Go on without it.
 		raw = nil
 	}
+	// A remote may echo the request's credential (a gateway's error page,
+	// a debug body): it goes no further than here.
+	raw = r.t.redactBytes(raw)
 	resp := response{status: hresp.StatusCode, etag: hresp.Header.Get("ETag"), rawBody: raw, req: req}
 	var note string
 	if len(raw) > 0 && raw[0] == '{' {
