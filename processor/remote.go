@@ -24,6 +24,8 @@ import (
 // exactly one HTTP request per call and reports it as an attempt; deciding
 // what to do next is the worker's job.
 type remote struct {
+	// bodies bounds the response bytes read at once by the whole process.
+	bodies  *bodyBudget
 	t       *TargetConfig
 	client  *http.Client
 	gate    *gate
@@ -31,7 +33,7 @@ type remote struct {
 }
 
 func newRemote(t *TargetConfig, client *http.Client, m *Metrics) *remote {
-	return &remote{t: t, client: client, gate: newGate(t), metrics: m}
+	return &remote{bodies: processBodies, t: t, client: client, gate: newGate(t), metrics: m}
 }
 
 // response is one HTTP exchange, success or not.
@@ -231,7 +233,10 @@ func (r *remote) send(ctx context.Context, req request) response {
 		return r.failed(req, start, scrubURLError(err), wrote.Load())
 	}
 	defer hresp.Body.Close()
-	raw, err := io.ReadAll(io.LimitReader(hresp.Body, maxResponseBody))
+	raw, truncated, release, err := r.bodies.read(rctx, hresp.Body, hresp.ContentLength, maxResponseBody)
+	// The reservation covers reading and decoding; what is kept afterwards
+	// is bounded per request (decoded values, capped snapshots).
+	defer release()
 	if err != nil {
 		// The status arrived, so the remote acted on the request; only the
 		// body is missing. Go on without it.
@@ -242,12 +247,16 @@ func (r *remote) send(ctx context.Context, req request) response {
 	raw = r.t.redactBytes(raw)
 	resp := response{status: hresp.StatusCode, etag: hresp.Header.Get("ETag"), rawBody: raw, req: req}
 	var note string
-	if len(raw) > 0 && raw[0] == '{' {
+	switch {
+	case truncated:
+		// Only a prefix was read: not JSON, and not worth decoding.
+		note = fmt.Sprintf("response body over the %d MiB stagesync reads: ignored", maxResponseBody>>20)
+	case len(raw) > 0 && raw[0] == '{':
 		if m, err := decodeObject(raw); err == nil {
 			resp.body = m
 		}
 	}
-	if len(raw) > maxSnapshotBytes && hresp.StatusCode < 300 {
+	if !truncated && len(raw) > maxSnapshotBytes && hresp.StatusCode < 300 {
 		note = fmt.Sprintf("response body of %d bytes is over the %d KiB stagesync keeps as a merge base: not stored", len(raw), maxSnapshotBytes>>10)
 	}
 	resp.retryAfter = parseRetryAfter(hresp.Header.Get("Retry-After"), start)
