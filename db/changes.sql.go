@@ -72,6 +72,31 @@ func (q *Queries) ChangesClaimPending(ctx context.Context, db DBTX, arg ChangesC
 	return items, nil
 }
 
+const changesGiveUp = `-- name: ChangesGiveUp :execrows
+UPDATE stagesync.changes
+SET status = 'dead', last_error = $1::text, finished_at = now()
+WHERE target = $2 AND resource_id = ANY ($3::text[])
+  AND status = 'processing'
+`
+
+type ChangesGiveUpParams struct {
+	Reason      string   `json:"reason"`
+	Target      string   `json:"target"`
+	ResourceIDs []string `json:"resource_ids"`
+}
+
+// Ends dead the processing changes of resources whose apply job River gave
+// up on (its last attempt failed): nothing will work them, and sending them
+// back to pending would fail the same way forever. The caller holds the
+// resources' locks.
+func (q *Queries) ChangesGiveUp(ctx context.Context, db DBTX, arg ChangesGiveUpParams) (int64, error) {
+	result, err := db.Exec(ctx, changesGiveUp, arg.Reason, arg.Target, arg.ResourceIDs)
+	if err != nil {
+		return 0, err
+	}
+	return result.RowsAffected(), nil
+}
+
 const changesListOpen = `-- name: ChangesListOpen :many
 SELECT id, resource_id, op, fields, attempts, created_at
 FROM stagesync.changes
@@ -137,29 +162,35 @@ SET status = u.status,
     last_error = CASE WHEN u.status = 'processing' AND u.last_error = '' THEN c.last_error
                       ELSE nullif(u.last_error, '') END,
     applied_etag = coalesce(nullif(u.applied_etag, ''), c.applied_etag),
+    outcome_detail = CASE WHEN u.status IN ('pending', 'processing') THEN c.outcome_detail
+                          ELSE nullif(u.outcome_detail, '') END,
     finished_at = CASE WHEN u.status IN ('pending', 'processing') THEN NULL ELSE now() END
 FROM (
     SELECT unnest($1::bigint[]) AS id,
            unnest($2::text[]) AS status,
            unnest($3::integer[]) AS add_attempts,
            unnest($4::text[]) AS last_error,
-           unnest($5::text[]) AS applied_etag
+           unnest($5::text[]) AS applied_etag,
+           unnest($6::text[]) AS outcome_detail
 ) AS u
 WHERE c.id = u.id
   AND c.status IN ('pending', 'processing')
 `
 
 type ChangesRecordParams struct {
-	IDs          []int64  `json:"ids"`
-	Statuses     []string `json:"statuses"`
-	AddAttempts  []int32  `json:"add_attempts"`
-	LastErrors   []string `json:"last_errors"`
-	AppliedETags []string `json:"applied_etags"`
+	IDs            []int64  `json:"ids"`
+	Statuses       []string `json:"statuses"`
+	AddAttempts    []int32  `json:"add_attempts"`
+	LastErrors     []string `json:"last_errors"`
+	AppliedETags   []string `json:"applied_etags"`
+	OutcomeDetails []string `json:"outcome_details"`
 }
 
 // Records the outcome of many changes in one statement: a terminal state,
 // or 'processing' with the attempts counted when a retry job is scheduled.
-// Empty strings stand for NULL in the parallel arrays.
+// Empty strings stand for NULL in the parallel arrays. outcome_detail says
+// why a terminal change ended as it did (superseded fields, fields kept
+// from the remote).
 func (q *Queries) ChangesRecord(ctx context.Context, db DBTX, arg ChangesRecordParams) error {
 	_, err := db.Exec(ctx, changesRecord,
 		arg.IDs,
@@ -167,6 +198,7 @@ func (q *Queries) ChangesRecord(ctx context.Context, db DBTX, arg ChangesRecordP
 		arg.AddAttempts,
 		arg.LastErrors,
 		arg.AppliedETags,
+		arg.OutcomeDetails,
 	)
 	return err
 }

@@ -96,20 +96,38 @@ type Merge struct {
 }
 
 type Resource struct {
-	Target        string     `json:"target"`
-	ResourceID    string     `json:"resource_id"`
-	ETag          *string    `json:"etag"`
-	Snapshot      []byte     `json:"snapshot"`
-	Deleted       bool       `json:"deleted"`
-	FetchedAt     *time.Time `json:"fetched_at"`
-	UpdatedAt     time.Time  `json:"updated_at"`
-	LastChangeID  *int64     `json:"last_change_id"`
-	FieldVersions []byte     `json:"field_versions"`
-	InDoubt       []byte     `json:"in_doubt"`
+	Target         string     `json:"target"`
+	ResourceID     string     `json:"resource_id"`
+	ETag           *string    `json:"etag"`
+	Snapshot       []byte     `json:"snapshot"`
+	Deleted        bool       `json:"deleted"`
+	FetchedAt      *time.Time `json:"fetched_at"`
+	UpdatedAt      time.Time  `json:"updated_at"`
+	LastChangeID   *int64     `json:"last_change_id"`
+	FieldVersions  []byte     `json:"field_versions"`
+	InDoubt        []byte     `json:"in_doubt"`
+	SnapshotFields []string   `json:"snapshot_fields"`
+	ETagRaw        []byte     `json:"etag_raw"`
 }
 
 type StagesyncHotResource struct {
 	HotResourcesSince interface{} `json:"hot_resources_since"`
+}
+
+type StagesyncOutbox struct {
+	ID             int64     `json:"id"`
+	Target         string    `json:"target"`
+	ResourceID     *string   `json:"resource_id"`
+	ChangeIDs      []int64   `json:"change_ids"`
+	Method         string    `json:"method"`
+	URL            string    `json:"url"`
+	IfMatch        *string   `json:"if_match"`
+	IfMatchRaw     []byte    `json:"if_match_raw"`
+	IfNoneMatch    *string   `json:"if_none_match"`
+	IdempotencyKey *string   `json:"idempotency_key"`
+	Body           []byte    `json:"body"`
+	JobID          *int64    `json:"job_id"`
+	CreatedAt      time.Time `json:"created_at"`
 }
 
 type StagesyncProcess struct {

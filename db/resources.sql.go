@@ -57,8 +57,28 @@ func (q *Queries) ResourceLocksTry(ctx context.Context, db DBTX, arg ResourceLoc
 	return items, nil
 }
 
+const resourceMarkInDoubt = `-- name: ResourceMarkInDoubt :exec
+INSERT INTO stagesync.resources AS r (target, resource_id, in_doubt)
+VALUES ($1, $2, $3::jsonb)
+ON CONFLICT (target, resource_id) DO UPDATE
+SET in_doubt = EXCLUDED.in_doubt, updated_at = now()
+`
+
+type ResourceMarkInDoubtParams struct {
+	Target     string `json:"target"`
+	ResourceID string `json:"resource_id"`
+	InDoubt    []byte `json:"in_doubt"`
+}
+
+// Keeps a write whose answer could not be recorded as the resource's
+// in-doubt write, touching nothing else.
+func (q *Queries) ResourceMarkInDoubt(ctx context.Context, db DBTX, arg ResourceMarkInDoubtParams) error {
+	_, err := db.Exec(ctx, resourceMarkInDoubt, arg.Target, arg.ResourceID, arg.InDoubt)
+	return err
+}
+
 const resourcesGet = `-- name: ResourcesGet :many
-SELECT resource_id, etag, snapshot, deleted
+SELECT resource_id, etag, etag_raw, snapshot, snapshot_fields, deleted, field_versions, in_doubt
 FROM stagesync.resources
 WHERE target = $1 AND resource_id = ANY ($2::text[])
 `
@@ -69,10 +89,14 @@ type ResourcesGetParams struct {
 }
 
 type ResourcesGetRow struct {
-	ResourceID string  `json:"resource_id"`
-	ETag       *string `json:"etag"`
-	Snapshot   []byte  `json:"snapshot"`
-	Deleted    bool    `json:"deleted"`
+	ResourceID     string   `json:"resource_id"`
+	ETag           *string  `json:"etag"`
+	ETagRaw        []byte   `json:"etag_raw"`
+	Snapshot       []byte   `json:"snapshot"`
+	SnapshotFields []string `json:"snapshot_fields"`
+	Deleted        bool     `json:"deleted"`
+	FieldVersions  []byte   `json:"field_versions"`
+	InDoubt        []byte   `json:"in_doubt"`
 }
 
 func (q *Queries) ResourcesGet(ctx context.Context, db DBTX, arg ResourcesGetParams) ([]ResourcesGetRow, error) {
@@ -87,8 +111,12 @@ func (q *Queries) ResourcesGet(ctx context.Context, db DBTX, arg ResourcesGetPar
 		if err := rows.Scan(
 			&i.ResourceID,
 			&i.ETag,
+			&i.ETagRaw,
 			&i.Snapshot,
+			&i.SnapshotFields,
 			&i.Deleted,
+			&i.FieldVersions,
+			&i.InDoubt,
 		); err != nil {
 			return nil, err
 		}
@@ -101,45 +129,68 @@ func (q *Queries) ResourcesGet(ctx context.Context, db DBTX, arg ResourcesGetPar
 }
 
 const resourcesUpsert = `-- name: ResourcesUpsert :exec
-INSERT INTO stagesync.resources AS r (target, resource_id, etag, snapshot, deleted, fetched_at, updated_at, last_change_id)
-SELECT $1::text, u.resource_id, nullif(u.etag, ''), nullif(u.snapshot, '')::jsonb, u.deleted,
-       now(), now(), nullif(u.last_change_id, 0)
+INSERT INTO stagesync.resources AS r (target, resource_id, etag, etag_raw, snapshot, snapshot_fields,
+    deleted, fetched_at, updated_at, last_change_id, field_versions, in_doubt)
+SELECT $1::text, u.resource_id, nullif(u.etag, ''), u.etag_raw, nullif(u.snapshot, '')::jsonb,
+       CASE WHEN u.snapshot_fields = '' THEN NULL
+            ELSE ARRAY(SELECT jsonb_array_elements_text(u.snapshot_fields::jsonb)) END,
+       u.deleted, now(), now(), nullif(u.last_change_id, 0),
+       u.field_versions::jsonb, nullif(u.in_doubt, '')::jsonb
 FROM (
     SELECT unnest($2::text[]) AS resource_id,
            unnest($3::text[]) AS etag,
-           unnest($4::text[]) AS snapshot,
-           unnest($5::boolean[]) AS deleted,
-           unnest($6::bigint[]) AS last_change_id
+           unnest($4::bytea[]) AS etag_raw,
+           unnest($5::text[]) AS snapshot,
+           unnest($6::text[]) AS snapshot_fields,
+           unnest($7::boolean[]) AS deleted,
+           unnest($8::bigint[]) AS last_change_id,
+           unnest($9::text[]) AS field_versions,
+           unnest($10::text[]) AS in_doubt
 ) AS u
 ON CONFLICT (target, resource_id) DO UPDATE
 SET etag = EXCLUDED.etag,
+    etag_raw = EXCLUDED.etag_raw,
     snapshot = EXCLUDED.snapshot,
+    snapshot_fields = EXCLUDED.snapshot_fields,
     deleted = EXCLUDED.deleted,
     fetched_at = EXCLUDED.fetched_at,
     updated_at = now(),
-    last_change_id = coalesce(EXCLUDED.last_change_id, r.last_change_id)
+    last_change_id = coalesce(EXCLUDED.last_change_id, r.last_change_id),
+    field_versions = EXCLUDED.field_versions,
+    in_doubt = EXCLUDED.in_doubt
 `
 
 type ResourcesUpsertParams struct {
-	Target        string   `json:"target"`
-	ResourceIDs   []string `json:"resource_ids"`
-	ETags         []string `json:"etags"`
-	Snapshots     []string `json:"snapshots"`
-	Deleted       []bool   `json:"deleted"`
-	LastChangeIDs []int64  `json:"last_change_ids"`
+	Target         string   `json:"target"`
+	ResourceIDs    []string `json:"resource_ids"`
+	ETags          []string `json:"etags"`
+	ETagRaws       [][]byte `json:"etag_raws"`
+	Snapshots      []string `json:"snapshots"`
+	SnapshotFields []string `json:"snapshot_fields"`
+	Deleted        []bool   `json:"deleted"`
+	LastChangeIDs  []int64  `json:"last_change_ids"`
+	FieldVersions  []string `json:"field_versions"`
+	InDoubts       []string `json:"in_doubts"`
 }
 
 // Stores the last known state of many resources in one statement. Empty
 // strings stand for NULL in the parallel arrays; last_change_id 0 keeps
-// the stored one.
+// the stored one. snapshot_fields is a JSON array of field names (the
+// fields a partial snapshot covers) or ” for a whole representation. The
+// caller holds each resource's lock and read field_versions and in_doubt
+// under it, so it writes them whole.
 func (q *Queries) ResourcesUpsert(ctx context.Context, db DBTX, arg ResourcesUpsertParams) error {
 	_, err := db.Exec(ctx, resourcesUpsert,
 		arg.Target,
 		arg.ResourceIDs,
 		arg.ETags,
+		arg.ETagRaws,
 		arg.Snapshots,
+		arg.SnapshotFields,
 		arg.Deleted,
 		arg.LastChangeIDs,
+		arg.FieldVersions,
+		arg.InDoubts,
 	)
 	return err
 }

@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"slices"
+	"strings"
 	"time"
 )
 
@@ -22,10 +23,16 @@ const (
 
 // openChange is one pending or processing change of a locked resource.
 type openChange struct {
-	id       int64
-	op       string
-	fields   map[string]any
+	id int64
+	op string
+	// fields are the values it still asks for: fields a newer change
+	// already settled are dropped (see applier.live).
+	fields map[string]any
+	// carried names every field it set, for field_versions.
+	carried  []string
 	attempts int32
+	// detail says which fields were dropped and why.
+	detail   string
 	stagedAt time.Time // created_at: give_up_after counts from here
 }
 
@@ -33,9 +40,31 @@ type openChange struct {
 type resourceState struct {
 	etag     string         // "" = unknown: fetch before writing
 	snapshot map[string]any // nil = body unknown (merge base unknown)
-	deleted  bool
+	// covers, when non-nil, lists the only fields snapshot speaks for (a
+	// batch lookup's partial answer); nil with a snapshot: all of them.
+	covers  map[string]bool
+	deleted bool
 	// missing is set when a batch ETag lookup found no such resource.
 	missing bool
+}
+
+func (s resourceState) base() mergeBase { return mergeBase{fields: s.snapshot, covers: s.covers} }
+
+// holds reports whether the stored state already shows every value of
+// fields, with an ETag to vouch for it: writing them would change nothing
+// but the ETag.
+func (s resourceState) holds(fields map[string]any) bool {
+	if s.etag == "" || s.deleted || s.snapshot == nil {
+		return false
+	}
+	b := s.base()
+	for f, v := range fields {
+		bv, has, known := b.get(f)
+		if !known || !sameValue(v, true, bv, has) {
+			return false
+		}
+	}
+	return true
 }
 
 // changeOutcome is the fate of one change in this job.
@@ -43,7 +72,12 @@ type changeOutcome struct {
 	status      string // a terminal state, or processing when a retry is scheduled
 	errText     string
 	etag        string
+	detail      string // outcome_detail
 	addAttempts int32
+	// mayHaveLanded marks a change ended dead whose values an in-doubt
+	// write may have put on the remote: its fields' versions still
+	// advance, so no older change overwrites them.
+	mayHaveLanded bool
 }
 
 // mergeRecord becomes one stagesync.merges row.
@@ -65,10 +99,18 @@ type resourceRun struct {
 	changes    []openChange
 	state      resourceState // what to store in stagesync.resources
 	stateDirty bool
-	attempts   []attemptRecord
-	merges     []mergeRecord
-	outcomes   map[int64]*changeOutcome
-	retryAt    time.Time // non-zero: a retry job is scheduled for this resource
+	// fieldVersions is resources.field_versions: field → id of the newest
+	// change whose value stagesync settled.
+	fieldVersions map[string]int64
+	// inDoubt is the resource's unresolved in-doubt write, if any; verify
+	// is a resolved one whose check waits for the first write.
+	inDoubt   *inDoubtWrite
+	verify    *verification
+	attempts  []attemptRecord
+	outboxIDs []int64
+	merges    []mergeRecord
+	outcomes  map[int64]*changeOutcome
+	retryAt   time.Time // non-zero: a retry job is scheduled for this resource
 }
 
 func newResourceRun(id string, changes []openChange, st resourceState) *resourceRun {
@@ -85,10 +127,27 @@ func (rr *resourceRun) outcome(id int64) *changeOutcome {
 }
 
 func (rr *resourceRun) finish(cs []openChange, status, errText, etag string) {
+	rr.finishDetail(cs, status, errText, etag, "")
+}
+
+// finishDetail ends changes with an outcome_detail, after what each change
+// already says about its dropped fields.
+func (rr *resourceRun) finishDetail(cs []openChange, status, errText, etag, detail string) {
 	for _, c := range cs {
 		o := rr.outcome(c.id)
 		o.status, o.errText, o.etag = status, errText, etag
+		o.detail = joinDetail(c.detail, detail)
 	}
+}
+
+func joinDetail(a, b string) string {
+	switch {
+	case a == "":
+		return b
+	case b == "":
+		return a
+	}
+	return a + "; " + b
 }
 
 func (rr *resourceRun) setState(st resourceState) {
@@ -96,18 +155,41 @@ func (rr *resourceRun) setState(st resourceState) {
 	rr.stateDirty = true
 }
 
-// applier runs the write protocol of SPEC §4 for one target.
+func (rr *resourceRun) setDoubt(w *inDoubtWrite) {
+	rr.inDoubt = w
+	rr.stateDirty = true
+}
+
+// applier runs the write protocol of SPEC §4 for one target, in one job.
 type applier struct {
 	t   *TargetConfig
 	r   *remote
 	now func() time.Time
+	// outbox makes each of the job's requests durable before it leaves;
+	// jobID goes with its rows.
+	outbox *outbox
+	jobID  int64
+}
+
+// do sends a request of this job.
+func (a *applier) do(ctx context.Context, req request) response {
+	req.outbox, req.jobID = a.outbox, a.jobID
+	return a.r.do(ctx, req)
 }
 
 // run applies a resource's open changes, segment by segment, in id order.
-// It stops at the first segment that has to wait for a retry: later
-// changes must not overtake it.
+// A write left in doubt by an earlier job is resolved first. It stops at the
+// first segment that has to wait for a retry: later changes must not
+// overtake it.
 func (a *applier) run(ctx context.Context, rr *resourceRun) {
-	for _, seg := range segments(rr.changes) {
+	live := a.live(rr)
+	if rr.inDoubt != nil {
+		var ok bool
+		if live, ok = a.resolveInDoubt(ctx, rr, live); !ok {
+			return
+		}
+	}
+	for _, seg := range segments(live) {
 		var done bool
 		switch seg[0].op {
 		case "create":
@@ -121,6 +203,48 @@ func (a *applier) run(ctx context.Context, rr *resourceRun) {
 			return
 		}
 	}
+}
+
+// live returns the changes still to apply. Ids are the upstream's intended
+// order, and per field the highest id wins: a change that committed late
+// (a lower id made visible after a higher one was applied) loses every
+// field a newer change already settled. One left with nothing ends noop;
+// one left with some fields applies those, and says what it lost.
+func (a *applier) live(rr *resourceRun) []openChange {
+	live := make([]openChange, 0, len(rr.changes))
+	for _, c := range rr.changes {
+		if o := rr.outcomes[c.id]; o != nil && o.status != statusProcessing {
+			continue // ended already (e.g. its fields could not be read)
+		}
+		var dropped []string
+		if c.op != "delete" {
+			for f := range c.fields {
+				if rr.fieldVersions[f] > c.id {
+					dropped = append(dropped, f)
+				}
+			}
+		}
+		if len(dropped) == 0 {
+			live = append(live, c)
+			continue
+		}
+		slices.Sort(dropped)
+		parts := make([]string, len(dropped))
+		for i, f := range dropped {
+			parts[i] = fmt.Sprintf("field %s was set by newer change #%d", f, rr.fieldVersions[f])
+		}
+		c.detail = "superseded: " + strings.Join(parts, "; ")
+		if len(dropped) == len(c.fields) {
+			rr.finish([]openChange{c}, statusNoop, "", "")
+			continue
+		}
+		c.fields = maps.Clone(c.fields)
+		for _, f := range dropped {
+			delete(c.fields, f)
+		}
+		live = append(live, c)
+	}
+	return live
 }
 
 // segments coalesces changes: consecutive updates fold into one request,
@@ -157,11 +281,21 @@ func changeIDs(cs []openChange) []int64 {
 
 // update writes the folded fields with the stored ETag. No GET is made when
 // an ETag is stored; without one (or, for PUT, without a body to send) the
-// resource is fetched first.
+// resource is fetched first. Values the stored snapshot already shows are
+// not written again.
 func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange) bool {
+	if v := rr.verify; v != nil {
+		rr.verify = nil
+		return a.mergeAndWrite(ctx, rr, seg, v.base, v.cur, v.doubt)
+	}
 	st := rr.state
+	fields := fold(seg)
 	if st.missing {
 		rr.finish(seg, statusRejected, "resource not found on the remote (batch ETag lookup)", "")
+		return true
+	}
+	if st.holds(fields) {
+		rr.finishDetail(seg, statusNoop, "", "", fmt.Sprintf("nothing sent: the stored state of the remote (ETag %s) already shows these values", cleanText(st.etag, 100)))
 		return true
 	}
 	if st.etag == "" || st.deleted || (a.t.UpdateMethod == http.MethodPut && st.snapshot == nil) {
@@ -171,63 +305,69 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 			rr.setState(resourceState{deleted: true})
 			rr.finish(seg, statusRejected, "resource not found on the remote: "+errText(cur.err), "")
 			return true
-		case cur.status == http.StatusOK && a.t.UpdateMethod == http.MethodPut && cur.body == nil:
+		case cur.status != http.StatusOK:
+			return a.failure(rr, seg, cur)
+		case cur.etag == "":
+			a.noETag(rr, seg, cur)
+			return true
+		case a.t.UpdateMethod == http.MethodPut && cur.body == nil:
 			// PUT replaces the whole document: without it, nothing safe
 			// can be sent.
 			rr.finish(seg, statusRejected, "GET "+a.r.itemURL(rr.id)+" returned no JSON object to apply the fields to (update_method PUT)", "")
 			return true
-		case cur.status != http.StatusOK || cur.etag == "":
-			return a.failure(rr, seg, cur)
 		}
 		st = a.stateFrom(cur)
 		rr.setState(st)
-		if cur.body != nil && shows(cur.body, fold(seg)) {
-			// Already there: a write made before a crash that was never
-			// recorded (the retry has no stored ETag to conflict on), or
-			// simply the same values. Writing again would be a second
-			// effect.
-			rr.finish(seg, statusNoop, "", "")
+		if cur.body != nil && shows(cur.body, fields) {
+			rr.finishDetail(seg, statusNoop, "", "", "nothing sent: the remote already held these values")
 			return true
 		}
 	}
-	resp := a.write(ctx, rr, seg, st, fold(seg))
+	resp := a.write(ctx, rr, seg, st, fields, nil)
 	switch {
 	case resp.status >= 200 && resp.status < 300:
-		a.succeed(rr, seg, resp, st, fold(seg), nil)
+		a.succeed(rr, seg, resp, st, fields, nil, nil)
 		return true
 	case a.t.isConflict(resp.status):
 		if a.outOfAttempts(rr, seg) {
 			return a.retryLater(rr, seg, resp)
 		}
 		cur := a.fetch(ctx, rr, seg)
-		return a.mergeAndWrite(ctx, rr, seg, st.snapshot, cur)
+		if a.refusesOwnETag(rr, seg, st.etag, cur) {
+			return true
+		}
+		return a.mergeAndWrite(ctx, rr, seg, st.base(), cur, nil)
 	default:
 		return a.failure(rr, seg, resp)
 	}
 }
 
 // create sends PUT with If-None-Match: *. If the resource already exists
-// (a retry after a crash, or someone else made it), its current state is
-// merged like a conflict with an unknown base.
+// (someone else made it), its current state is merged like a conflict
+// with an unknown base.
 func (a *applier) create(ctx context.Context, rr *resourceRun, seg []openChange) bool {
+	if v := rr.verify; v != nil {
+		rr.verify = nil
+		return a.mergeAndWrite(ctx, rr, seg, v.base, v.cur, v.doubt)
+	}
 	fields := fold(seg)
-	resp := a.r.do(ctx, request{
+	resp := a.do(ctx, request{
 		method: http.MethodPut, resourceID: rr.id, url: a.r.itemURL(rr.id), changeIDs: changeIDs(seg),
 		ifNoneMatch: "*", body: fields, idemKey: true,
 	})
-	a.count(rr, seg, resp)
+	a.count(rr, seg, resp, nil)
 	switch {
 	case resp.status >= 200 && resp.status < 300:
 		// What was created is exactly the fields sent (plus whatever the
 		// remote adds, which a representation in the response shows).
-		a.succeed(rr, seg, resp, resourceState{snapshot: map[string]any{}}, fields, nil)
+		a.succeed(rr, seg, resp, resourceState{snapshot: map[string]any{}}, fields, nil, nil)
 		return true
 	case resp.status == http.StatusPreconditionFailed || a.t.isConflict(resp.status):
 		if a.outOfAttempts(rr, seg) {
 			return a.retryLater(rr, seg, resp)
 		}
 		cur := a.fetch(ctx, rr, seg)
-		return a.mergeAndWrite(ctx, rr, seg, nil, cur)
+		return a.mergeAndWrite(ctx, rr, seg, mergeBase{}, cur, nil)
 	default:
 		return a.failure(rr, seg, resp)
 	}
@@ -238,6 +378,9 @@ func (a *applier) create(ctx context.Context, rr *resourceRun, seg []openChange)
 // decides: manual leaves it for a person, otherwise the delete is retried
 // with the fresh ETag.
 func (a *applier) delete(ctx context.Context, rr *resourceRun, seg []openChange) bool {
+	// A doubt resolved by reading the resource needs no merge for a
+	// delete: it is sent with the fresh ETag.
+	rr.verify = nil
 	st := rr.state
 	if st.etag == "" || st.deleted || st.missing {
 		cur, settled, verdict := a.fetchForDelete(ctx, rr, seg)
@@ -248,11 +391,14 @@ func (a *applier) delete(ctx context.Context, rr *resourceRun, seg []openChange)
 		rr.setState(st)
 	}
 	for round := 0; ; round++ {
-		resp := a.r.do(ctx, request{
+		// No Idempotency-Key: with one, Go's transport would resend a
+		// bodiless DELETE on its own after a failed connection, and its
+		// If-Match already makes a second copy harmless and visible.
+		resp := a.do(ctx, request{
 			method: http.MethodDelete, resourceID: rr.id, url: a.r.itemURL(rr.id), changeIDs: changeIDs(seg),
-			ifMatch: st.etag, idemKey: true,
+			ifMatch: st.etag,
 		})
-		a.count(rr, seg, resp)
+		a.count(rr, seg, resp, nil)
 		switch {
 		case resp.status >= 200 && resp.status < 300, resp.status == http.StatusNotFound:
 			status := statusApplied
@@ -269,6 +415,9 @@ func (a *applier) delete(ctx context.Context, rr *resourceRun, seg []openChange)
 			cur, settled, verdict := a.fetchForDelete(ctx, rr, seg)
 			if settled {
 				return verdict
+			}
+			if a.refusesOwnETag(rr, seg, st.etag, cur) {
+				return true
 			}
 			if a.t.Merge.Default == PolicyManual {
 				rr.setState(a.stateFrom(cur))
@@ -292,32 +441,63 @@ func (a *applier) fetchForDelete(ctx context.Context, rr *resourceRun, seg []ope
 		rr.setState(resourceState{deleted: true})
 		rr.finish(seg, statusNoop, "", "")
 		return cur, true, true
-	case cur.status != http.StatusOK || cur.etag == "":
+	case cur.status != http.StatusOK:
 		return cur, true, a.failure(rr, seg, cur)
+	case cur.etag == "":
+		a.noETag(rr, seg, cur)
+		return cur, true, true
 	}
 	return cur, false, false
+}
+
+// noETag rejects changes whose resource the remote serves without an ETag:
+// without one no write can be conditional, and an unconditional write
+// could overwrite a person's edit.
+func (a *applier) noETag(rr *resourceRun, live []openChange, cur response) {
+	rr.finish(live, statusRejected, fmt.Sprintf("the remote sent no ETag; stagesync needs one to write safely (GET %s answered %d without an ETag header)", a.r.itemURL(rr.id), cur.status), "")
+}
+
+// refusesOwnETag handles a conflict answered to an If-Match that is the
+// remote's current ETag, as the GET after it shows: retrying could never
+// succeed. A weak ETag is the usual cause: a server comparing If-Match
+// strongly (RFC 9110 §13.1.1) never matches W/"…", even its own.
+func (a *applier) refusesOwnETag(rr *resourceRun, live []openChange, sent string, cur response) bool {
+	if sent == "" || cur.status != http.StatusOK || cur.etag != sent {
+		return false
+	}
+	reason := fmt.Sprintf("the remote answered a conflict to If-Match %s, which is its current ETag; stagesync cannot write to it safely", cleanText(sent, 100))
+	if isWeakETag(sent) {
+		reason = fmt.Sprintf("the remote refuses weak ETags in If-Match: it answered a conflict to If-Match %s although that is its current ETag (it compares strongly, RFC 9110 §13.1.1), so no conditional write can succeed", cleanText(sent, 100))
+	}
+	rr.setState(a.stateFrom(cur))
+	rr.finish(live, statusRejected, reason, "")
+	return true
 }
 
 // mergeAndWrite resolves a conflict: three-way merge of base, ours and the
 // current representation, a merges row, then one immediate write with the
 // fresh ETag. A second conflict backs off through a scheduled retry job;
 // the stored base is left as it was, so the retry merges against it again
-// rather than mistaking the remote edit for the base.
-func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []openChange, base map[string]any, cur response) bool {
+// rather than mistaking the remote edit for the base. With doubt, the
+// merge follows the in-doubt rules (see merge).
+func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []openChange, base mergeBase, cur response, doubt *inDoubtWrite) bool {
 	switch {
 	case cur.status == http.StatusNotFound:
 		rr.setState(resourceState{deleted: true})
 		rr.finish(live, statusRejected, "resource was deleted on the remote", "")
 		return true
-	case cur.status != http.StatusOK || cur.etag == "" || cur.body == nil:
-		if cur.err == nil {
-			cur.err = fmt.Errorf("GET %s after a conflict returned %d without a JSON body and ETag", a.r.itemURL(rr.id), cur.status)
+	case cur.status == http.StatusOK && cur.etag == "":
+		a.noETag(rr, live, cur)
+		return true
+	case cur.status != http.StatusOK || cur.body == nil:
+		if cur.err == nil && !cur.notSent {
+			cur.err = fmt.Errorf("GET %s after a conflict returned %d without a JSON body", a.r.itemURL(rr.id), cur.status)
 		}
 		return a.failure(rr, live, cur)
 	}
 	theirs := cur.body
 	ours := fold(live)
-	first := merge(a.t, base, ours, theirs)
+	first := merge(a.t, base, ours, theirs, doubt, strictFields(live, doubt))
 
 	// A change touching a needs_review field ends dead as a whole. The rest
 	// are folded and merged again without it, until no change is left
@@ -330,8 +510,9 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 	for {
 		var keep []openChange
 		for _, c := range remaining {
-			if reason := reviewNeeded(c, m, theirs); reason != "" {
+			if reason := reviewNeeded(c, m); reason != "" {
 				rr.finish([]openChange{c}, statusDead, reason, "")
+				rr.outcome(c.id).mayHaveLanded = doubt != nil && slices.Contains(doubt.ChangeIDs, c.id)
 				dead++
 				continue
 			}
@@ -341,18 +522,18 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 			break
 		}
 		remaining = keep
-		m = merge(a.t, base, fold(remaining), theirs)
+		m = merge(a.t, base, fold(remaining), theirs, doubt, strictFields(remaining, doubt))
 		maps.Copy(decisions, m.decisions)
 	}
 	outcome := statusMerged
 	switch {
 	case dead > 0:
 		outcome = "needs_review"
-	case len(m.write) == 0:
+	case len(m.write) == 0 && !slices.Contains(slices.Collect(maps.Values(m.decisions)), KeptTheirs):
 		outcome = statusNoop
 	}
 	rr.merges = append(rr.merges, mergeRecord{
-		changeIDs: changeIDs(live), base: base, ours: ours, theirs: theirs,
+		changeIDs: changeIDs(live), base: base.fields, ours: ours, theirs: theirs,
 		result: m.write, decisions: decisions, outcome: outcome, at: a.now(),
 	})
 	a.r.metrics.observeMerge(a.t.Name, outcome)
@@ -360,13 +541,13 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 	curState := a.stateFrom(cur)
 	if len(remaining) == 0 || len(m.write) == 0 {
 		rr.setState(curState)
-		rr.finish(remaining, statusNoop, "", "")
+		a.settle(rr, remaining, m.decisions, cur.etag, doubt)
 		return true
 	}
-	resp := a.write(ctx, rr, remaining, curState, m.write)
+	resp := a.write(ctx, rr, remaining, curState, m.write, theirs)
 	switch {
 	case resp.status >= 200 && resp.status < 300:
-		a.succeed(rr, remaining, resp, curState, m.write, m.decisions)
+		a.succeed(rr, remaining, resp, curState, m.write, m.decisions, doubt)
 		return true
 	case a.t.isConflict(resp.status):
 		return a.retryLater(rr, remaining, resp)
@@ -375,69 +556,131 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 	}
 }
 
+// strictFields are the fields whose folded value comes from a change the
+// in-doubt write carried: those merge under the in-doubt rules.
+func strictFields(cs []openChange, doubt *inDoubtWrite) map[string]bool {
+	if doubt == nil {
+		return nil
+	}
+	from := map[string]int64{}
+	for _, c := range cs {
+		for f := range c.fields {
+			from[f] = c.id
+		}
+	}
+	strict := map[string]bool{}
+	for f, id := range from {
+		// Without a readable request, every change may have been in it.
+		if doubt.Method == "" || slices.Contains(doubt.ChangeIDs, id) {
+			strict[f] = true
+		}
+	}
+	return strict
+}
+
 // reviewNeeded explains why c must wait for a person, or returns "".
-func reviewNeeded(c openChange, m mergeResult, theirs map[string]any) string {
+func reviewNeeded(c openChange, m mergeResult) string {
 	for _, f := range slices.Sorted(maps.Keys(c.fields)) {
 		if m.decisions[f] == NeedsReview {
-			return reviewReason(f, c.fields[f], theirs[f])
+			return m.reasons[f]
 		}
 	}
 	return ""
 }
 
 // write sends the fields: PATCH with just them, or PUT of the known
-// representation with them applied.
-func (a *applier) write(ctx context.Context, rr *resourceRun, live []openChange, st resourceState, fields map[string]any) response {
+// representation with them applied. base is what the write is made
+// against when it is not the stored snapshot (after a merge), kept with
+// the write if its outcome turns out unknown.
+func (a *applier) write(ctx context.Context, rr *resourceRun, live []openChange, st resourceState, fields, base map[string]any) response {
 	body := fields
 	if a.t.UpdateMethod == http.MethodPut {
 		body = applyFields(st.snapshot, fields)
 	}
-	resp := a.r.do(ctx, request{
+	resp := a.do(ctx, request{
 		method: a.t.UpdateMethod, resourceID: rr.id, url: a.r.itemURL(rr.id), changeIDs: changeIDs(live),
 		ifMatch: st.etag, body: body, idemKey: true,
 	})
-	a.count(rr, live, resp)
+	a.count(rr, live, resp, base)
 	return resp
 }
 
-// succeed records a successful write. With merge decisions, a change none
-// of whose fields was written (all already equal or kept theirs) is a noop.
-func (a *applier) succeed(rr *resourceRun, live []openChange, resp response, st resourceState, written map[string]any, decisions map[string]Decision) {
-	rr.setState(resourceState{etag: resp.etag, snapshot: a.newSnapshot(resp, st, written)})
+// succeed records a successful write. With merge decisions, each change
+// ends merged or noop by what the merge did with its fields (see settle).
+func (a *applier) succeed(rr *resourceRun, live []openChange, resp response, st resourceState, written map[string]any, decisions map[string]Decision, doubt *inDoubtWrite) {
+	if resp.etag == "" {
+		// Written, but with no ETag to write with next time: the next
+		// write GETs one first.
+		rr.setState(resourceState{snapshot: nil})
+	} else {
+		snap, covers := a.newSnapshot(resp, st, written)
+		rr.setState(resourceState{etag: resp.etag, snapshot: snap, covers: covers})
+	}
+	if decisions == nil {
+		rr.finish(live, statusApplied, "", resp.etag)
+		return
+	}
+	a.settle(rr, live, decisions, resp.etag, doubt)
+}
+
+// settle ends merged changes: merged when a value of theirs was written or
+// set aside by a policy (outcome_detail names the fields kept from the
+// remote), noop only when the remote already held every value, applied
+// when that value is there because the change's own in-doubt write (doubt)
+// landed.
+func (a *applier) settle(rr *resourceRun, live []openChange, decisions map[string]Decision, etag string, doubt *inDoubtWrite) {
 	for _, c := range live {
-		status := statusApplied
-		if decisions != nil {
-			status = statusNoop
-			for f := range c.fields {
-				if decisions[f] == TookOurs {
-					status = statusMerged
-					break
-				}
+		took := false
+		var kept []string
+		for f := range c.fields {
+			switch decisions[f] {
+			case TookOurs:
+				took = true
+			case KeptTheirs:
+				kept = append(kept, f)
 			}
 		}
-		etag := resp.etag
-		if status == statusNoop {
-			etag = ""
+		switch {
+		case !took && len(kept) == 0 && doubt != nil && slices.Contains(doubt.ChangeIDs, c.id):
+			// Its in-doubt write landed: the remote shows every value.
+			rr.finishDetail([]openChange{c}, statusApplied, "", "", "written by an earlier request whose answer was lost; the remote shows its values")
+		case len(kept) > 0:
+			slices.Sort(kept)
+			parts := make([]string, len(kept))
+			for i, f := range kept {
+				parts[i] = fmt.Sprintf("%s (policy %s)", f, a.t.policy(f))
+			}
+			rr.finishDetail([]openChange{c}, statusMerged, "", etag, "kept the remote's value for "+strings.Join(parts, ", "))
+		case took:
+			rr.finish([]openChange{c}, statusMerged, "", etag)
+		default:
+			rr.finishDetail([]openChange{c}, statusNoop, "", "", "nothing sent: the remote already held these values")
 		}
-		rr.finish([]openChange{c}, status, "", etag)
 	}
 }
 
-// newSnapshot is the merge base after a successful write. A response body
-// is trusted as the new representation only if it shows what was written
-// (CouchDB, say, answers a PUT with {"ok","id","rev"}, which is no
-// document). Otherwise a PUT's base is the body it sent, and a PATCH's the
-// old base with the fields applied; with no old base it stays unknown
-// rather than becoming a partial one that would make every other field
-// look changed by the remote.
-func (a *applier) newSnapshot(resp response, st resourceState, written map[string]any) map[string]any {
+// newSnapshot is the merge base after a successful write, and the fields
+// it covers (nil: all). A response body is trusted as the new
+// representation only if it shows what was written (CouchDB, say, answers
+// a PUT with {"ok","id","rev"}, which is no document). Otherwise a PUT's
+// base is the body it sent, and a PATCH's the old base with the fields
+// applied; with no old base it stays unknown rather than becoming a partial
+// one that would make every other field look changed by the remote.
+func (a *applier) newSnapshot(resp response, st resourceState, written map[string]any) (map[string]any, map[string]bool) {
 	if resp.body != nil && shows(resp.body, written) {
-		return resp.body
+		return resp.body, nil
 	}
 	if st.snapshot == nil && a.t.UpdateMethod != http.MethodPut {
-		return nil
+		return nil, nil
 	}
-	return applyFields(st.snapshot, written)
+	var covers map[string]bool
+	if st.covers != nil {
+		covers = maps.Clone(st.covers)
+		for f := range written {
+			covers[f] = true
+		}
+	}
+	return applyFields(st.snapshot, written), covers
 }
 
 // shows reports whether body holds every written field's value (a null
@@ -538,7 +781,10 @@ func backoff(base, ceiling time.Duration, attempt int) time.Duration {
 // fetch GETs the resource, counting a failed GET as an attempt so that an
 // unreachable remote exhausts the budget like failed writes do.
 func (a *applier) fetch(ctx context.Context, rr *resourceRun, live []openChange) response {
-	resp := a.r.fetch(ctx, rr.id, changeIDs(live))
+	resp := a.do(ctx, request{method: http.MethodGet, resourceID: rr.id, url: a.r.itemURL(rr.id), changeIDs: changeIDs(live)})
+	if resp.outboxID != 0 {
+		rr.outboxIDs = append(rr.outboxIDs, resp.outboxID)
+	}
 	if resp.notSent {
 		return resp
 	}
@@ -552,13 +798,21 @@ func (a *applier) fetch(ctx context.Context, rr *resourceRun, live []openChange)
 }
 
 // count records a write request and counts it for each change it carried.
-func (a *applier) count(rr *resourceRun, live []openChange, resp response) {
+// A write whose outcome is unknown makes the resource in doubt; base is
+// what it was made against when that is not the stored snapshot.
+func (a *applier) count(rr *resourceRun, live []openChange, resp response, base map[string]any) {
+	if resp.outboxID != 0 {
+		rr.outboxIDs = append(rr.outboxIDs, resp.outboxID)
+	}
 	if resp.notSent {
 		return
 	}
 	rr.attempts = append(rr.attempts, resp.attempt)
 	for _, c := range live {
 		rr.outcome(c.id).addAttempts++
+	}
+	if resp.unknown {
+		rr.setDoubt(inDoubtFrom(resp.req, base, resp.attempt.at))
 	}
 }
 

@@ -40,6 +40,7 @@ func (w *dispatchWorker) Work(ctx context.Context, _ *river.Job[DispatchArgs]) e
 	if n > 0 {
 		p.logger.WarnContext(ctx, "processing changes had no live job; returned to pending", "changes", n)
 	}
+	p.SweepLookups(ctx) // t1: batch lookups of ended job attempts become 'unknown' attempts
 	_, err = p.Claim(ctx)
 	return err
 }

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"math"
 	"math/big"
 	"reflect"
+	"strconv"
 	"strings"
 	"unicode"
 	"unicode/utf8"
@@ -71,29 +73,134 @@ func canonicalNumber(s string) number {
 	return number(r.RatString())
 }
 
+// What PostgreSQL's jsonb can hold: numeric's range (digits before and
+// after the decimal point) and a nesting depth well inside its stack.
+const (
+	maxNumericIntDigits  = 131072
+	maxNumericFracDigits = 16383
+	maxStoredDepth       = 64
+)
+
+// maxSnapshotBytes caps a stored snapshot (the merge base) and anything
+// else stored whole from a remote's answer.
+const maxSnapshotBytes = 256 << 10
+
 // pgSafe returns a copy of a decoded JSON value that PostgreSQL's jsonb
 // accepts: U+0000 inside strings (legal JSON, refused by jsonb) becomes
-// U+FFFD. Only audit rows and stored snapshots pass through it, never
-// what is sent to the remote.
+// U+FFFD, a number beyond numeric's range is kept as its text (a string),
+// and nesting deeper than maxStoredDepth becomes a note. Only audit rows
+// and durable intents pass through it, never what is sent to the remote.
 func pgSafe(v any) any {
+	return pgSafeAt(v, 0)
+}
+
+func pgSafeAt(v any, depth int) any {
+	if depth > maxStoredDepth {
+		return fmt.Sprintf("(nested deeper than %d levels: not stored)", maxStoredDepth)
+	}
 	switch x := v.(type) {
 	case string:
 		return strings.ReplaceAll(x, "\x00", "\uFFFD")
+	case json.Number:
+		if !numericFits(x.String()) {
+			return x.String()
+		}
+		return x
+	case float64:
+		if math.IsInf(x, 0) || math.IsNaN(x) {
+			return fmt.Sprint(x)
+		}
+		return x
 	case map[string]any:
 		m := make(map[string]any, len(x))
 		for k, e := range x {
-			m[strings.ReplaceAll(k, "\x00", "\uFFFD")] = pgSafe(e)
+			m[strings.ReplaceAll(k, "\x00", "\uFFFD")] = pgSafeAt(e, depth+1)
 		}
 		return m
 	case []any:
 		s := make([]any, len(x))
 		for i, e := range x {
-			s[i] = pgSafe(e)
+			s[i] = pgSafeAt(e, depth+1)
 		}
 		return s
 	default:
 		return v
 	}
+}
+
+// storable reports whether jsonb holds v exactly as decoded: no U+0000, no
+// number beyond numeric's range, no deeper nesting than maxStoredDepth.
+func storable(v any, depth int) bool {
+	if depth > maxStoredDepth {
+		return false
+	}
+	switch x := v.(type) {
+	case string:
+		return !strings.Contains(x, "\x00")
+	case json.Number:
+		return numericFits(x.String())
+	case map[string]any:
+		for k, e := range x {
+			if strings.Contains(k, "\x00") || !storable(e, depth+1) {
+				return false
+			}
+		}
+	case []any:
+		for _, e := range x {
+			if !storable(e, depth+1) {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// numericFits reports whether a JSON number is within PostgreSQL numeric's
+// range (what jsonb stores numbers as): at most 131072 digits before the
+// decimal point and 16383 after, once the exponent is applied.
+func numericFits(s string) bool {
+	s = strings.TrimPrefix(s, "-")
+	mant, exp, hasExp := strings.Cut(strings.ToLower(s), "e")
+	intPart, frac, _ := strings.Cut(mant, ".")
+	e := 0
+	if hasExp {
+		exp = strings.TrimPrefix(exp, "+")
+		if len(strings.TrimLeft(strings.TrimPrefix(exp, "-"), "0")) > 7 {
+			return false
+		}
+		n, err := strconv.Atoi(exp)
+		if err != nil {
+			return false
+		}
+		e = n
+	}
+	return len(intPart)+e <= maxNumericIntDigits && len(frac)-e <= maxNumericFracDigits
+}
+
+// storedETag splits an ETag into what the etag (or if_match) column shows
+// and, when its bytes are not valid UTF-8 text PostgreSQL accepts, those
+// exact bytes for the raw column: If-Match must send them back unchanged.
+func storedETag(e string) (text string, raw []byte) {
+	if utf8.ValidString(e) && !strings.ContainsRune(e, 0) {
+		return e, nil
+	}
+	return escapeBytes(e), []byte(e)
+}
+
+// escapeBytes writes bytes that are not valid UTF-8 (and NUL) as \xNN.
+func escapeBytes(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); {
+		r, n := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError && n <= 1 || r == 0 {
+			fmt.Fprintf(&b, "\\x%02x", s[i])
+			i++
+			continue
+		}
+		b.WriteString(s[i : i+n])
+		i += n
+	}
+	return b.String()
 }
 
 // cleanText makes remote-supplied text safe to store and print: valid

@@ -67,17 +67,63 @@ func TestNewSnapshotTrustsOnlyBodiesThatShowTheWrite(t *testing.T) {
 	written := map[string]any{"status": "won"}
 
 	full := response{body: map[string]any{"owner": "a", "status": "won", "updated": "now"}}
-	require.Equal(t, full.body, patch.newSnapshot(full, base, written), "a representation showing the write is the new base")
+	snap, covers := patch.newSnapshot(full, base, written)
+	require.Equal(t, full.body, snap, "a representation showing the write is the new base")
+	require.Nil(t, covers, "a representation covers every field")
 
 	couch := response{body: map[string]any{"ok": true, "id": "x", "rev": "2-b"}}
-	require.Equal(t, map[string]any{"owner": "a", "status": "won"}, put.newSnapshot(couch, base, written),
+	snap, _ = put.newSnapshot(couch, base, written)
+	require.Equal(t, map[string]any{"owner": "a", "status": "won"}, snap,
 		"a PUT answered with a receipt: the base is the document sent")
 
 	noBody := response{}
-	require.Equal(t, map[string]any{"owner": "a", "status": "won"}, patch.newSnapshot(noBody, base, written))
-	require.Nil(t, patch.newSnapshot(noBody, resourceState{}, written), "no old base and no representation: unknown, not partial")
+	snap, _ = patch.newSnapshot(noBody, base, written)
+	require.Equal(t, map[string]any{"owner": "a", "status": "won"}, snap)
+	snap, _ = patch.newSnapshot(noBody, resourceState{}, written)
+	require.Nil(t, snap, "no old base and no representation: unknown, not partial")
+
+	partial := resourceState{snapshot: map[string]any{"id": "x", "owner": "a"}, covers: map[string]bool{"id": true, "owner": true}}
+	snap, covers = patch.newSnapshot(noBody, partial, written)
+	require.Equal(t, map[string]any{"id": "x", "owner": "a", "status": "won"}, snap)
+	require.Equal(t, map[string]bool{"id": true, "owner": true, "status": true}, covers, "a partial base stays partial, plus what was written")
 
 	removed := map[string]any{"owner": nil}
 	require.False(t, shows(map[string]any{"owner": "a"}, removed))
 	require.True(t, shows(map[string]any{"status": "x"}, removed))
+}
+
+func TestNumericFitsPostgreSQLsRange(t *testing.T) {
+	t.Parallel()
+	for s, want := range map[string]bool{
+		"1": true, "-12.5e3": true, "1e131071": true, "1.5e131071": true, "1e-16383": true,
+		"1e131072": false, "1e200000": false, "1e-16384": false, "0e-20000": false, "1e99999999999": false,
+	} {
+		require.Equal(t, want, numericFits(s), "numericFits(%s)", s)
+	}
+	v := map[string]any{"huge": json.Number("1e200000"), "ok": json.Number("2")}
+	b, err := json.Marshal(pgSafe(v))
+	require.NoError(t, err)
+	require.JSONEq(t, `{"huge": "1e200000", "ok": 2}`, string(b), "an out-of-range number is kept as its text")
+}
+
+func TestStoredETagKeepsRawBytes(t *testing.T) {
+	t.Parallel()
+	text, raw := storedETag(`"abc"`)
+	require.Equal(t, `"abc"`, text)
+	require.Nil(t, raw, "a valid ETag needs no raw copy")
+	text, raw = storedETag("\"ab\xff\xfe\"")
+	require.True(t, utf8.ValidString(text), "readable form: got %q", text)
+	require.Equal(t, `"ab\xff\xfe"`, text)
+	require.Equal(t, []byte("\"ab\xff\xfe\""), raw, "raw bytes: got %q", raw)
+}
+
+func TestStorableSnapshotLeavesOutWhatJSONBCannotHold(t *testing.T) {
+	t.Parallel()
+	snap := map[string]any{"id": "x", "owner": "a", "big": json.Number("1e200000"), "nul": "a\x00b"}
+	out, covers := storableSnapshot(snap, nil)
+	require.Equal(t, map[string]any{"id": "x", "owner": "a"}, out)
+	require.Equal(t, map[string]bool{"id": true, "owner": true}, covers, "left-out fields have an unknown base")
+	out, covers = storableSnapshot(map[string]any{"owner": "a"}, nil)
+	require.Equal(t, map[string]any{"owner": "a"}, out)
+	require.Nil(t, covers, "nothing left out: still the whole representation")
 }

@@ -15,6 +15,9 @@ func TestMergeDecidesEachFieldByPolicy(t *testing.T) {
 	tests := []struct {
 		name         string
 		base, theirs map[string]any
+		covers       map[string]bool
+		doubt        *inDoubtWrite
+		strict       map[string]bool
 		ours         map[string]any
 		want         map[string]Decision
 		wantWrite    map[string]any
@@ -68,12 +71,61 @@ func TestMergeDecidesEachFieldByPolicy(t *testing.T) {
 			wantWrite: map[string]any{},
 		},
 		{
-			name:      "unknown base counts every difference as theirs",
+			name:      "unknown base: ours writes, theirs and manual ask for review",
 			base:      nil,
-			theirs:    map[string]any{"owner": "a", "status": "x"},
-			ours:      map[string]any{"owner": "b", "status": "y"},
-			want:      map[string]Decision{"owner": KeptTheirs, "status": TookOurs},
+			theirs:    map[string]any{"owner": "a", "status": "x", "region": "eu"},
+			ours:      map[string]any{"owner": "b", "status": "y", "region": "us"},
+			want:      map[string]Decision{"owner": NeedsReview, "status": TookOurs, "region": NeedsReview},
 			wantWrite: map[string]any{"status": "y"},
+		},
+		{
+			name:      "a partial base knows only the fields it covers",
+			base:      map[string]any{"id": "r", "owner": "a"},
+			covers:    map[string]bool{"id": true, "owner": true, "region": true},
+			theirs:    map[string]any{"owner": "a", "region": "eu", "team": "t1"},
+			ours:      map[string]any{"owner": "b", "region": "us", "team": "t2"},
+			want:      map[string]Decision{"owner": TookOurs, "region": NeedsReview, "team": TookOurs},
+			wantWrite: map[string]any{"owner": "b", "team": "t2"},
+		},
+		{
+			name:      "in doubt: values stagesync can account for are overwritten",
+			base:      map[string]any{"owner": "a", "status": "open"},
+			doubt:     &inDoubtWrite{Method: "PATCH", Body: map[string]any{"status": "won"}},
+			strict:    map[string]bool{"owner": true, "status": true},
+			theirs:    map[string]any{"owner": "a", "status": "won"},
+			ours:      map[string]any{"owner": "b", "status": "lost"},
+			want:      map[string]Decision{"owner": TookOurs, "status": TookOurs},
+			wantWrite: map[string]any{"owner": "b", "status": "lost"},
+		},
+		{
+			name:      "in doubt: a person's value is never overwritten, whatever the policy",
+			base:      map[string]any{"owner": "a", "status": "open", "region": "eu"},
+			doubt:     &inDoubtWrite{Method: "PATCH", Body: map[string]any{"status": "won", "owner": "b", "region": "us"}},
+			strict:    map[string]bool{"owner": true, "status": true, "region": true},
+			theirs:    map[string]any{"owner": "person", "status": "person", "region": "person"},
+			ours:      map[string]any{"owner": "b", "status": "won", "region": "us"},
+			want:      map[string]Decision{"owner": KeptTheirs, "status": NeedsReview, "region": NeedsReview},
+			wantWrite: map[string]any{},
+		},
+		{
+			name:      "in doubt: a newer change's field merges as usual",
+			base:      map[string]any{"status": "open"},
+			doubt:     &inDoubtWrite{Method: "PATCH", Body: map[string]any{"status": "won"}},
+			strict:    map[string]bool{},
+			theirs:    map[string]any{"status": "person"},
+			ours:      map[string]any{"status": "newer"},
+			want:      map[string]Decision{"status": TookOurs},
+			wantWrite: map[string]any{"status": "newer"},
+		},
+		{
+			name:      "in doubt: the value a merged write was made against is accounted for",
+			base:      map[string]any{"status": "open"},
+			doubt:     &inDoubtWrite{Method: "PATCH", Body: map[string]any{"status": "won"}, Base: map[string]any{"status": "lost"}},
+			strict:    map[string]bool{"status": true},
+			theirs:    map[string]any{"status": "lost"},
+			ours:      map[string]any{"status": "won"},
+			want:      map[string]Decision{"status": TookOurs},
+			wantWrite: map[string]any{"status": "won"},
 		},
 		{
 			name:      "field added remotely is a remote edit",
@@ -95,7 +147,7 @@ func TestMergeDecidesEachFieldByPolicy(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			got := merge(target, tt.base, tt.ours, tt.theirs)
+			got := merge(target, mergeBase{fields: tt.base, covers: tt.covers}, tt.ours, tt.theirs, tt.doubt, tt.strict)
 			require.Equal(t, tt.want, got.decisions)
 			require.Equal(t, tt.wantWrite, got.write)
 		})
@@ -168,7 +220,7 @@ func TestMergeAndWriteRepeatsUntilNoChangeNeedsReview(t *testing.T) {
 		{id: 2, op: "update", fields: map[string]any{"f": "y", "g": "gT"}},
 	}
 	rr := newResourceRun("r", live, resourceState{etag: "old", snapshot: base})
-	done := a.mergeAndWrite(t.Context(), rr, live, base, response{status: 200, etag: "new", body: theirs})
+	done := a.mergeAndWrite(t.Context(), rr, live, mergeBase{fields: base}, response{status: 200, etag: "new", body: theirs}, nil)
 	require.True(t, done)
 	require.Equal(t, statusDead, rr.outcome(2).status, "change 2 touches f, changed remotely")
 	require.Equal(t, statusDead, rr.outcome(1).status, "without change 2, change 1's g differs from the person's gT")

@@ -9,10 +9,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
+	"net/http/httptrace"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 )
 
@@ -20,6 +24,8 @@ import (
 // exactly one HTTP request per call and reports it as an attempt; deciding
 // what to do next is the worker's job.
 type remote struct {
+	// bodies bounds the response bytes read at once by the whole process.
+	bodies  *bodyBudget
 	t       *TargetConfig
 	client  *http.Client
 	gate    *gate
@@ -27,7 +33,7 @@ type remote struct {
 }
 
 func newRemote(t *TargetConfig, client *http.Client, m *Metrics) *remote {
-	return &remote{t: t, client: client, gate: newGate(t), metrics: m}
+	return &remote{bodies: processBodies, t: t, client: client, gate: newGate(t), metrics: m}
 }
 
 // response is one HTTP exchange, success or not.
@@ -39,10 +45,20 @@ type response struct {
 	retryAfter time.Duration
 	err        error // transport error, or the remote's error text for 4xx/5xx
 	attempt    attemptRecord
-	// notSent: the job ended before the request left (waiting for a
-	// concurrency slot or the rate limiter). No attempt was made, so none
-	// is recorded or counted.
+	// notSent: the request never left (the job ended while it waited for
+	// the gate, or its durable intent could not be written). No attempt was
+	// made, so none is recorded or counted.
 	notSent bool
+	// unknown: the request may have reached the remote, but no answer came
+	// (a transport error once it was written, a timeout). A write with an
+	// unknown outcome makes the resource in doubt.
+	unknown bool
+	// req is the request as sent (its Idempotency-Key filled in), so an
+	// unknown write can be sent again exactly.
+	req request
+	// outboxID is the request's durable intent, deleted when the round is
+	// recorded; 0 when none was written.
+	outboxID int64
 }
 
 // attemptRecord becomes one stagesync.attempts row.
@@ -68,6 +84,7 @@ const (
 	outcomeRetryable      = "retryable"
 	outcomeFatal          = "fatal"
 	outcomeTransportError = "transport_error"
+	outcomeUnknown        = "unknown"
 )
 
 // itemURL builds the URL of one resource. The id is path-escaped (and "."
@@ -91,7 +108,17 @@ type request struct {
 	ifMatch     string
 	ifNoneMatch string
 	body        any
-	idemKey     bool
+	// idemKey asks for an Idempotency-Key derived from the request; key,
+	// when set, is sent as it is (resending an in-doubt request).
+	idemKey bool
+	key     string
+	// outbox makes the request durable before it leaves (nil: it is sent
+	// without, as in unit tests of the exchange alone); jobID goes with
+	// its row.
+	outbox *outbox
+	jobID  int64
+	// payload is the encoded body, made once by do.
+	payload []byte
 }
 
 // do sends one request once the target's gate admits it.
@@ -103,27 +130,81 @@ func (r *remote) do(ctx context.Context, req request) response {
 		// request go).
 		return response{notSent: true, err: err}
 	}
+	req, err = r.prepare(req)
+	if err != nil {
+		resp := r.failed(req, time.Now(), err, false)
+		release(resp)
+		return resp
+	}
+	// The intent is durable before the request leaves, so after any crash
+	// the resource's next worker knows the remote may have seen it (t1).
+	id, err := req.outbox.add(ctx, r.t.Name, req)
+	if err != nil {
+		resp := response{notSent: true, err: err, req: req}
+		release(resp)
+		return resp
+	}
 	resp := r.send(ctx, req)
+	resp.outboxID = id
 	release(resp) // the gate observes the answer: pauses, AIMD, health
 	return resp
+}
+
+// prepare encodes the body and fills in the Idempotency-Key once, so the
+// durable intent and the request sent agree byte for byte.
+func (r *remote) prepare(req request) (request, error) {
+	if req.body != nil && req.payload == nil {
+		b, err := json.Marshal(req.body)
+		if err != nil {
+			return req, fmt.Errorf("encode request body: %w", err)
+		}
+		req.payload = b
+	}
+	if req.idemKey && req.key == "" {
+		req.key = idempotencyKey(r.t.Name, req)
+	}
+	return req, nil
 }
 
 // send makes the HTTP exchange of one request and describes it as an
 // attempt.
 func (r *remote) send(ctx context.Context, req request) response {
+	req, err := r.prepare(req)
+	if err != nil {
+		return r.failed(req, time.Now(), err, false)
+	}
 	var body io.Reader
-	if req.body != nil {
-		b, err := json.Marshal(req.body)
-		if err != nil {
-			return r.failed(req, time.Now(), fmt.Errorf("encode request body: %w", err))
-		}
-		body = bytes.NewReader(b)
+	if req.payload != nil {
+		body = bytes.NewReader(req.payload)
 	}
 	rctx, cancel := context.WithTimeout(ctx, r.t.Timeout.D())
 	defer cancel()
+	// Once the headers are written the remote may act on the request, so a
+	// failure after that point leaves its outcome unknown.
+	var wrote, answered atomic.Bool
+	rctx = httptrace.WithClientTrace(rctx, &httptrace.ClientTrace{
+		WroteHeaders:         func() { wrote.Store(true) },
+		GotFirstResponseByte: func() { answered.Store(true) },
+	})
 	hreq, err := http.NewRequestWithContext(rctx, req.method, req.url, body)
 	if err != nil {
-		return r.failed(req, time.Now(), fmt.Errorf("build request: %w", err))
+		return r.failed(req, time.Now(), fmt.Errorf("build request: %w", err), false)
+	}
+	if body != nil {
+		// Go's transport resends a request carrying an Idempotency-Key on
+		// its own when a reused connection fails before the answer: the
+		// remote may then apply it twice, or answer the second copy with a
+		// conflict that hides that the first landed. A copy is allowed
+		// only if nothing was sent yet; otherwise the outcome is unknown,
+		// and stagesync resolves it. (An answer that came, such as a
+		// redirect, may rewind the body: it is recorded, not followed.)
+		payload := req.payload
+		hreq.GetBody = func() (io.ReadCloser, error) {
+			if wrote.Load() && !answered.Load() {
+				return nil, errNotResent
+			}
+			return io.NopCloser(bytes.NewReader(payload)), nil
+		}
 	}
 	hreq.Header.Set("Accept", "application/json")
 	if body != nil {
@@ -135,8 +216,8 @@ func (r *remote) send(ctx context.Context, req request) response {
 	if req.ifNoneMatch != "" {
 		hreq.Header.Set("If-None-Match", req.ifNoneMatch)
 	}
-	if req.idemKey {
-		hreq.Header.Set("Idempotency-Key", idempotencyKey(r.t.Name, req))
+	if req.key != "" {
+		hreq.Header.Set("Idempotency-Key", req.key)
 	}
 	if r.t.Auth != nil {
 		hreq.Header.Set(r.t.Auth.Header, r.t.Auth.Prefix+r.t.authValue)
@@ -145,29 +226,67 @@ func (r *remote) send(ctx context.Context, req request) response {
 	start := time.Now()
 	hresp, err := r.client.Do(hreq)
 	if err != nil {
-		return r.failed(req, start, scrubURLError(err))
+		if !wrote.Load() && ctx.Err() != nil {
+			// The job was cancelled before anything left: not an attempt.
+			return response{notSent: true, err: ctx.Err(), req: req}
+		}
+		return r.failed(req, start, scrubURLError(err), wrote.Load())
 	}
 	defer hresp.Body.Close()
-	raw, err := io.ReadAll(io.LimitReader(hresp.Body, 8<<20))
+	raw, truncated, release, err := r.bodies.read(rctx, hresp.Body, hresp.ContentLength, maxResponseBody)
+	// The reservation covers reading and decoding; what is kept afterwards
+	// is bounded per request (decoded values, capped snapshots).
+	defer release()
 	if err != nil {
-		return r.failed(req, start, fmt.Errorf("read response body: %w", scrubURLError(err)))
+		// The status arrived, so the remote acted on the request; only the
+		// body is missing. Go on without it.
+		raw = nil
 	}
-	resp := response{status: hresp.StatusCode, etag: hresp.Header.Get("ETag"), rawBody: raw}
-	if len(raw) > 0 && raw[0] == '{' {
+	// A remote may echo the request's credential (a gateway's error page,
+	// a debug body): it goes no further than here.
+	raw = r.t.redactBytes(raw)
+	resp := response{status: hresp.StatusCode, etag: hresp.Header.Get("ETag"), rawBody: raw, req: req}
+	var note string
+	switch {
+	case truncated:
+		// Only a prefix was read: not JSON, and not worth decoding.
+		note = fmt.Sprintf("response body over the %d MiB stagesync reads: ignored", maxResponseBody>>20)
+	case len(raw) > 0 && raw[0] == '{':
 		if m, err := decodeObject(raw); err == nil {
 			resp.body = m
 		}
+	}
+	if !truncated && len(raw) > maxSnapshotBytes && hresp.StatusCode < 300 {
+		note = fmt.Sprintf("response body of %d bytes is over the %d KiB stagesync keeps as a merge base: not stored", len(raw), maxSnapshotBytes>>10)
 	}
 	resp.retryAfter = parseRetryAfter(hresp.Header.Get("Retry-After"), start)
 	if hresp.StatusCode >= 400 {
 		resp.err = fmt.Errorf("%s %s: %d %s", req.method, req.url, hresp.StatusCode, remoteReason(raw, hresp.Status))
 	}
-	resp.attempt = r.attempt(req, start, hresp.StatusCode, resp.etag, r.classify(req.method, hresp.StatusCode), errText(resp.err))
+	text := errText(resp.err)
+	if text == "" {
+		text = note
+	}
+	resp.attempt = r.attempt(req, start, hresp.StatusCode, resp.etag, r.classify(req.method, hresp.StatusCode), text)
 	return resp
 }
 
-func (r *remote) failed(req request, start time.Time, err error) response {
-	return response{err: err, attempt: r.attempt(req, start, 0, "", outcomeTransportError, err.Error())}
+// errNotResent ends a request whose connection failed after it was sent.
+var errNotResent = errors.New("the connection failed after the request was sent (not resent automatically)")
+
+// maxResponseBody bounds what is read of one answer.
+const maxResponseBody = 8 << 20
+
+// failed describes a request that got no answer. sent says it may have
+// reached the remote: a write's outcome is then unknown.
+func (r *remote) failed(req request, start time.Time, err error, sent bool) response {
+	outcome := outcomeTransportError
+	unknown := sent && req.method != http.MethodGet
+	if unknown {
+		outcome = outcomeUnknown
+		err = fmt.Errorf("outcome unknown, the request may have been applied: %w", err)
+	}
+	return response{err: err, unknown: unknown, req: req, attempt: r.attempt(req, start, 0, "", outcome, err.Error())}
 }
 
 func (r *remote) attempt(req request, start time.Time, status int, etag, outcome, errText string) attemptRecord {
@@ -268,38 +387,91 @@ func errText(err error) string {
 	return err.Error()
 }
 
-// fetch GETs one resource.
-func (r *remote) fetch(ctx context.Context, id string, changeIDs []int64) response {
-	return r.do(ctx, request{method: http.MethodGet, resourceID: id, url: r.itemURL(id), changeIDs: changeIDs})
+// batchItem is one resource in a batch lookup's answer: its ETag and the
+// fields the answer carried (the merge base of those fields).
+type batchItem struct {
+	etag   string
+	fields map[string]any
+	// covers lists the fields the answer speaks for (present, or asked
+	// for and absent); nil: the whole representation.
+	covers map[string]bool
 }
 
-// batchETags asks the batch endpoint for the ETags of ids. Ids missing from
+// batchETags asks the batch endpoint for the ETags of ids, with the fields
+// the merge needs as their base: fields, or all of them. Ids missing from
 // the answer do not exist remotely.
-func (r *remote) batchETags(ctx context.Context, ids []string, changeIDs []int64) (map[string]string, response) {
+func (r *remote) batchETags(ctx context.Context, req request, ids []string, fields []string, all bool) (map[string]batchItem, response) {
 	q := url.Values{}
 	q.Set("ids", strings.Join(ids, ","))
-	q.Set("fields", "id,etag")
-	u := r.t.BaseURL + r.t.BatchETagPath + "?" + q.Encode()
-	resp := r.do(ctx, request{method: http.MethodGet, url: u, changeIDs: changeIDs})
+	// "*" asks for the whole representation; a remote that does not know
+	// it still sends id and etag.
+	asked := "id,etag,*"
+	if !all {
+		asked = strings.Join(append([]string{"id", "etag"}, fields...), ",")
+	}
+	q.Set("fields", asked)
+	req.method, req.url = http.MethodGet, r.t.BaseURL+r.t.BatchETagPath+"?"+q.Encode()
+	resp := r.do(ctx, req)
 	if resp.err != nil || resp.status != http.StatusOK {
 		return nil, resp
 	}
-	var items []struct {
-		ID   string `json:"id"`
-		ETag string `json:"etag"`
-	}
-	if err := json.Unmarshal(resp.rawBody, &items); err != nil {
+	items, err := decodeBatch(resp.rawBody, fields, all)
+	if err != nil {
 		// The exchange itself succeeded (and was counted so); the error
 		// says why its answer is unusable, and single GETs follow.
-		resp.err = fmt.Errorf("batch ETag response is not a JSON array of {id, etag}: %w", err)
-		resp.attempt.errText = resp.err.Error()
+		resp.err = err
+		resp.attempt.errText = err.Error()
 		return nil, resp
 	}
-	out := make(map[string]string, len(items))
-	for _, it := range items {
-		if it.ETag != "" {
-			out[it.ID] = it.ETag
-		}
+	return items, resp
+}
+
+// decodeBatch reads a batch lookup's answer: a JSON array of objects with
+// "id", "etag" and the fields asked for. A remote that ignores the field
+// list sends more, which is kept; one that sends only id and etag gives no
+// base at all.
+func decodeBatch(raw []byte, fields []string, all bool) (map[string]batchItem, error) {
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber()
+	var list []map[string]any
+	if err := dec.Decode(&list); err != nil {
+		return nil, fmt.Errorf("batch ETag response is not a JSON array of objects with id and etag: %w", err)
 	}
-	return out, resp
+	out := make(map[string]batchItem, len(list))
+	for _, m := range list {
+		id, _ := m["id"].(string)
+		etag, _ := m["etag"].(string)
+		if id == "" || etag == "" {
+			continue
+		}
+		delete(m, "etag")
+		it := batchItem{etag: etag, fields: m, covers: map[string]bool{"id": true}}
+		if len(m) > 1 {
+			// The answer carries representation fields, so it honoured the
+			// field list: an asked field that is absent is absent remotely.
+			if all {
+				it.covers = nil
+			} else {
+				for _, f := range fields {
+					it.covers[f] = true
+				}
+			}
+		}
+		if it.covers != nil {
+			for f := range m {
+				it.covers[f] = true
+			}
+		}
+		out[id] = it
+	}
+	return out, nil
+}
+
+// isWeakETag reports whether an ETag is weak (W/"…"), which a server
+// comparing If-Match strongly (RFC 9110 §13.1.1) never matches.
+func isWeakETag(e string) bool { return strings.HasPrefix(e, "W/") }
+
+// sortedKeys returns m's keys in order.
+func sortedKeys[V any](m map[string]V) []string {
+	return slices.Sorted(maps.Keys(m))
 }

@@ -2,10 +2,15 @@ package processor
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
+	"maps"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -47,7 +52,14 @@ const busyRetryDelay = 250 * time.Millisecond
 type applyWorker struct {
 	river.WorkerDefaults[ApplyArgs]
 	p *Processor
+	// lastSweep (unix nanoseconds) spaces out sweeps of unrecorded batch
+	// lookups.
+	lastSweep atomic.Int64
 }
+
+// sweepEvery is how often a process sweeps the outbox for batch lookups
+// whose job attempt ended without recording them.
+const sweepEvery = 5 * time.Second
 
 // Timeout allows every resource of the job a few requests' worth of the
 // target's timeout at its concurrency, plus slack for the database, but
@@ -66,8 +78,90 @@ func (w *applyWorker) Timeout(job *river.Job[ApplyArgs]) time.Duration {
 }
 
 // Work serializes on the resources with advisory locks, applies their open
-// changes and records everything in one transaction per round.
-func (w *applyWorker) Work(ctx context.Context, job *river.Job[ApplyArgs]) error {
+// changes and records everything in one transaction per round. When its
+// last attempt fails (an error or a panic), River gives the job up: its
+// resources' processing changes end dead with the error rather than wait
+// for a job that will never come.
+func (w *applyWorker) Work(ctx context.Context, job *river.Job[ApplyArgs]) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("apply job panicked: %v\n%s", r, debug.Stack())
+		}
+		if err != nil && job.Attempt >= job.MaxAttempts {
+			if gerr := w.p.giveUp(ctx, job, err); gerr != nil {
+				err = errors.Join(err, gerr)
+			}
+		}
+	}()
+	w.sweep(ctx)
+	return w.work(ctx, job)
+}
+
+// sweep runs SweepLookups at most every sweepEvery per process.
+func (w *applyWorker) sweep(ctx context.Context) {
+	now := time.Now().UnixNano()
+	last := w.lastSweep.Load()
+	if now-last < int64(sweepEvery) || !w.lastSweep.CompareAndSwap(last, now) {
+		return
+	}
+	w.p.SweepLookups(ctx)
+}
+
+// SweepLookups turns batch lookups that were sent but never recorded (their
+// job attempt ended first) into 'unknown' attempts rows. Requests for a
+// resource are found when a job next locks it; a batch lookup names no
+// resource, so this is how the audit gets its row. Apply jobs run it as
+// they start, and the periodic dispatch job so that a quiet process still
+// does. Failures are logged: the next sweep retries.
+func (p *Processor) SweepLookups(ctx context.Context) {
+	n, err := p.q.OutboxSweepLookups(ctx, p.pool)
+	switch {
+	case err != nil && ctx.Err() == nil:
+		p.logger.WarnContext(ctx, "sweep of unrecorded batch lookups failed; the next sweep retries it", "error", err)
+	case n > 0:
+		p.logger.InfoContext(ctx, "batch lookups sent by ended job attempts recorded as unknown", "requests", n)
+	}
+}
+
+// giveUp ends dead the processing changes of a job River will not run
+// again, for each of its resources no other job holds (a holder works them
+// itself).
+func (p *Processor) giveUp(ctx context.Context, job *river.Job[ApplyArgs], cause error) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	conn, err := p.pool.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("give up job %d: acquire connection: %w", job.ID, err)
+	}
+	defer func() {
+		if err := p.q.ResourceLocksReleaseAll(ctx, conn); err != nil {
+			_ = conn.Conn().Close(ctx)
+		}
+		conn.Release()
+	}()
+	ids := slices.Compact(slices.Sorted(slices.Values(job.Args.ResourceIDs)))
+	locks, err := p.q.ResourceLocksTry(ctx, conn, db.ResourceLocksTryParams{Target: job.Args.Target, ResourceIDs: ids})
+	if err != nil {
+		return fmt.Errorf("give up job %d: lock resources: %w", job.ID, err)
+	}
+	var locked []string
+	for _, l := range locks {
+		if l.Locked {
+			locked = append(locked, l.ResourceID)
+		}
+	}
+	reason := cleanText(fmt.Sprintf("gave up: apply job %d failed on its last attempt (%d of %d): %v",
+		job.ID, job.Attempt, job.MaxAttempts, cause), maxErrorText)
+	n, err := p.q.ChangesGiveUp(ctx, conn, db.ChangesGiveUpParams{Target: job.Args.Target, ResourceIDs: locked, Reason: reason})
+	if err != nil {
+		return fmt.Errorf("give up job %d: end its changes dead: %w", job.ID, err)
+	}
+	p.logger.WarnContext(ctx, "apply job given up after its last attempt; its changes end dead",
+		"job_id", job.ID, "target", job.Args.Target, "changes", n, "resources_held_elsewhere", len(ids)-len(locked))
+	return nil
+}
+
+func (w *applyWorker) work(ctx context.Context, job *river.Job[ApplyArgs]) error {
 	p := w.p
 	t := p.cfg.Targets[job.Args.Target]
 	if t == nil {
@@ -111,7 +205,9 @@ func (w *applyWorker) Work(ctx context.Context, job *river.Job[ApplyArgs]) error
 		}
 	}
 
-	a := &applier{t: t, r: p.remotes[t.Name], now: time.Now}
+	// Requests are made durable through this connection, the session that
+	// holds the locks: one whose session ended can send nothing.
+	a := &applier{t: t, r: p.remotes[t.Name], now: time.Now, outbox: newOutbox(conn), jobID: job.ID}
 	todo := locked
 	for round := 0; len(todo) > 0; round++ {
 		if round == maxRounds || ctx.Err() != nil {
@@ -127,14 +223,10 @@ func (w *applyWorker) Work(ctx context.Context, job *river.Job[ApplyArgs]) error
 		if len(runs) == 0 {
 			break
 		}
-		// A job River runs again (its process died, or recording failed)
-		// may have written without recording it. Its resources are then
-		// fetched one by one instead: a GET brings the body, so values
-		// already written end noop rather than being written twice under
-		// a freshly looked-up ETag.
-		if job.Attempt <= 1 {
-			p.prefetchETags(ctx, a, runs)
-		}
+		// A write that may have landed unrecorded left its resource in
+		// doubt (loadRuns found its outbox row): such a resource gets no
+		// batch lookup, whose fresh ETag would hide that write.
+		p.prefetchETags(ctx, a, runs)
 		var wg sync.WaitGroup
 		for _, rr := range runs {
 			wg.Go(func() { a.run(ctx, rr) })
@@ -177,7 +269,9 @@ func (w *applyWorker) Work(ctx context.Context, job *river.Job[ApplyArgs]) error
 	return nil
 }
 
-// loadRuns reads the open changes and stored state of the resources.
+// loadRuns reads the open changes, stored state and leftover requests of
+// the resources. A change whose fields can't be read ends rejected alone; a
+// snapshot that can't be read is an unknown merge base.
 func (p *Processor) loadRuns(ctx context.Context, conn *pgxpool.Conn, t *TargetConfig, ids []string) ([]*resourceRun, error) {
 	rows, err := p.q.ChangesListOpen(ctx, conn, db.ChangesListOpenParams{Target: t.Name, ResourceIDs: ids, Max: maxChangesPerRound})
 	if err != nil {
@@ -190,38 +284,93 @@ func (p *Processor) loadRuns(ctx context.Context, conn *pgxpool.Conn, t *TargetC
 	if err != nil {
 		return nil, fmt.Errorf("read stored resources: %w", err)
 	}
-	states := make(map[string]resourceState, len(stored))
+	byID := make(map[string]db.ResourcesGetRow, len(stored))
 	for _, s := range stored {
-		st := resourceState{deleted: s.Deleted}
-		if s.ETag != nil {
-			st.etag = *s.ETag
-		}
-		if len(s.Snapshot) > 0 {
-			if st.snapshot, err = decodeObject(s.Snapshot); err != nil {
-				return nil, fmt.Errorf("resource %q snapshot: %w", s.ResourceID, err)
-			}
-		}
-		states[s.ResourceID] = st
+		byID[s.ResourceID] = s
 	}
 	var runs []*resourceRun
 	var cur *resourceRun
 	for _, r := range rows {
 		if cur == nil || cur.id != r.ResourceID {
-			cur = newResourceRun(r.ResourceID, nil, states[r.ResourceID])
+			cur = storedRun(r.ResourceID, byID[r.ResourceID])
 			runs = append(runs, cur)
 		}
+		c := openChange{id: r.ID, op: r.Op, attempts: r.Attempts, stagedAt: r.CreatedAt}
 		fields, err := decodeObject(r.Fields)
 		if err != nil {
-			return nil, fmt.Errorf("change %d: %w", r.ID, err)
+			cur.changes = append(cur.changes, c)
+			cur.finish([]openChange{c}, statusRejected, "stagesync cannot read this change's fields: "+err.Error(), "")
+			continue
 		}
-		cur.changes = append(cur.changes, openChange{id: r.ID, op: r.Op, fields: fields, attempts: r.Attempts, stagedAt: r.CreatedAt})
+		c.fields, c.carried = fields, slices.Sorted(maps.Keys(fields))
+		cur.changes = append(cur.changes, c)
+	}
+
+	// Requests made durable for these resources but never recorded: the
+	// remote may have seen them. Each becomes an 'unknown' attempts row in
+	// this round's transaction, and the newest write puts the resource in
+	// doubt.
+	runIDs := make([]string, len(runs))
+	byRun := make(map[string]*resourceRun, len(runs))
+	for i, rr := range runs {
+		runIDs[i] = rr.id
+		byRun[rr.id] = rr
+	}
+	left, err := p.q.OutboxLeftovers(ctx, conn, db.OutboxLeftoversParams{Target: t.Name, ResourceIDs: runIDs})
+	if err != nil {
+		return nil, fmt.Errorf("read leftover requests: %w", err)
+	}
+	for _, row := range left {
+		rr := byRun[deref(row.ResourceID)]
+		if rr == nil {
+			continue
+		}
+		lo := leftoverFrom(t.Name, row)
+		rr.attempts = append(rr.attempts, lo.attempt)
+		rr.outboxIDs = append(rr.outboxIDs, lo.id)
+		if lo.write != nil {
+			rr.setDoubt(lo.write) // rows come in id order: the newest wins
+		}
 	}
 	return runs, nil
 }
 
+// storedRun starts a resource's run from its stagesync.resources row.
+func storedRun(id string, s db.ResourcesGetRow) *resourceRun {
+	st := resourceState{deleted: s.Deleted}
+	switch {
+	case s.ETagRaw != nil:
+		st.etag = string(s.ETagRaw)
+	case s.ETag != nil:
+		st.etag = *s.ETag
+	}
+	if len(s.Snapshot) > 0 {
+		// A snapshot that can't be read leaves the base unknown.
+		if snap, err := decodeObject(s.Snapshot); err == nil {
+			st.snapshot = snap
+			if s.SnapshotFields != nil {
+				st.covers = make(map[string]bool, len(s.SnapshotFields))
+				for _, f := range s.SnapshotFields {
+					st.covers[f] = true
+				}
+			}
+		}
+	}
+	rr := newResourceRun(id, nil, st)
+	rr.fieldVersions = map[string]int64{}
+	if len(s.FieldVersions) > 0 {
+		// Unreadable versions (edited by hand) count as none.
+		_ = json.Unmarshal(s.FieldVersions, &rr.fieldVersions)
+	}
+	rr.inDoubt = decodeInDoubt(s.InDoubt)
+	return rr
+}
+
 // prefetchETags looks up, with one batch request per BatchSize resources,
-// the ETags of resources about to be updated with none stored. Only PATCH
-// targets benefit: PUT needs the whole body, which a single GET brings.
+// the ETags of resources about to be updated with none stored, with the
+// fields the merge needs as their base. Only PATCH targets benefit: PUT
+// needs the whole body, which a single GET brings. A resource in doubt is
+// never looked up: its in-doubt write is resolved first.
 func (p *Processor) prefetchETags(ctx context.Context, a *applier, runs []*resourceRun) {
 	t := a.t
 	if t.BatchETagPath == "" || t.UpdateMethod != "PATCH" {
@@ -230,10 +379,11 @@ func (p *Processor) prefetchETags(ctx context.Context, a *applier, runs []*resou
 	var need []*resourceRun
 	for _, rr := range runs {
 		// Ids with a comma can't travel in the comma-separated list.
-		if rr.state.etag == "" && !rr.state.deleted && rr.changes[0].op == "update" && !strings.Contains(rr.id, ",") {
+		if rr.state.etag == "" && !rr.state.deleted && rr.inDoubt == nil && rr.changes[0].op == "update" && !strings.Contains(rr.id, ",") {
 			need = append(need, rr)
 		}
 	}
+	fields, all := t.mergeFields()
 	for chunk := range slices.Chunk(need, t.BatchSize) {
 		ids := make([]string, len(chunk))
 		var cids []int64
@@ -241,18 +391,21 @@ func (p *Processor) prefetchETags(ctx context.Context, a *applier, runs []*resou
 			ids[i] = rr.id
 			cids = append(cids, changeIDs(rr.changes)...)
 		}
-		etags, resp := a.r.batchETags(ctx, ids, cids)
+		items, resp := a.r.batchETags(ctx, request{changeIDs: cids, outbox: a.outbox, jobID: a.jobID}, ids, fields, all)
+		// The batch request is recorded once, with the first resource's run.
+		if resp.outboxID != 0 {
+			chunk[0].outboxIDs = append(chunk[0].outboxIDs, resp.outboxID)
+		}
 		if resp.notSent {
 			return
 		}
-		// The batch request is recorded once, with the first resource's run.
 		chunk[0].attempts = append(chunk[0].attempts, resp.attempt)
-		if etags == nil {
+		if items == nil {
 			continue // single GETs will follow
 		}
 		for _, rr := range chunk {
-			if e, ok := etags[rr.id]; ok {
-				rr.state.etag = e
+			if it, ok := items[rr.id]; ok {
+				rr.setState(resourceState{etag: it.etag, snapshot: it.fields, covers: it.covers})
 			} else {
 				rr.state.missing = true
 			}

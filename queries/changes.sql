@@ -38,7 +38,9 @@ LIMIT @max;
 -- name: ChangesRecord :exec
 -- Records the outcome of many changes in one statement: a terminal state,
 -- or 'processing' with the attempts counted when a retry job is scheduled.
--- Empty strings stand for NULL in the parallel arrays.
+-- Empty strings stand for NULL in the parallel arrays. outcome_detail says
+-- why a terminal change ended as it did (superseded fields, fields kept
+-- from the remote).
 UPDATE stagesync.changes c
 SET status = u.status,
     attempts = c.attempts + u.add_attempts,
@@ -47,16 +49,29 @@ SET status = u.status,
     last_error = CASE WHEN u.status = 'processing' AND u.last_error = '' THEN c.last_error
                       ELSE nullif(u.last_error, '') END,
     applied_etag = coalesce(nullif(u.applied_etag, ''), c.applied_etag),
+    outcome_detail = CASE WHEN u.status IN ('pending', 'processing') THEN c.outcome_detail
+                          ELSE nullif(u.outcome_detail, '') END,
     finished_at = CASE WHEN u.status IN ('pending', 'processing') THEN NULL ELSE now() END
 FROM (
     SELECT unnest(@ids::bigint[]) AS id,
            unnest(@statuses::text[]) AS status,
            unnest(@add_attempts::integer[]) AS add_attempts,
            unnest(@last_errors::text[]) AS last_error,
-           unnest(@applied_etags::text[]) AS applied_etag
+           unnest(@applied_etags::text[]) AS applied_etag,
+           unnest(@outcome_details::text[]) AS outcome_detail
 ) AS u
 WHERE c.id = u.id
   AND c.status IN ('pending', 'processing');
 
 -- name: ChangesResetOrphaned :one
 SELECT stagesync.reset_orphaned_changes(@cutoff::timestamptz)::integer AS reset;
+
+-- name: ChangesGiveUp :execrows
+-- Ends dead the processing changes of resources whose apply job River gave
+-- up on (its last attempt failed): nothing will work them, and sending them
+-- back to pending would fail the same way forever. The caller holds the
+-- resources' locks.
+UPDATE stagesync.changes
+SET status = 'dead', last_error = @reason::text, finished_at = now()
+WHERE target = @target AND resource_id = ANY (@resource_ids::text[])
+  AND status = 'processing';

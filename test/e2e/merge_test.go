@@ -27,6 +27,7 @@ func TestMergePolicies(t *testing.T) {
 
 	type want struct {
 		statuses  []string           // per change, in order
+		details   []string           // per change: its outcome_detail; nil: all empty
 		lastError string             // substring of a dead change's last_error
 		decisions map[string]string  // the merges row's decisions; nil: no merge
 		outcome   string             // the merges row's outcome
@@ -51,6 +52,7 @@ func TestMergePolicies(t *testing.T) {
 		{"owner edited, ours sets owner and status", map[string]any{"owner": "alice"},
 			[]map[string]any{{"owner": "crm-bob", "status": "won"}}, want{
 				statuses:  []string{"merged"},
+				details:   []string{"kept the remote's value for owner (policy theirs)"},
 				decisions: map[string]string{"owner": "kept_theirs", "status": "took_ours"},
 				outcome:   "merged",
 				remote:    map[string]any{"owner": "alice", "status": "won"},
@@ -76,6 +78,7 @@ func TestMergePolicies(t *testing.T) {
 		{"region edited to ours", map[string]any{"region": "east"},
 			[]map[string]any{{"region": "east"}}, want{
 				statuses:  []string{"noop"},
+				details:   []string{"nothing sent: the remote already held these values"},
 				decisions: map[string]string{"region": "already_equal"},
 				outcome:   "noop",
 				remote:    map[string]any{"region": "east"},
@@ -89,11 +92,14 @@ func TestMergePolicies(t *testing.T) {
 				remote:    map[string]any{"owner": "carol", "status": "won"},
 				requests:  map[attemptKey]int{patch412: 1, get200: 1, patch200: 1},
 			}},
+		// A value set aside by a policy is a merge, not a noop: noop means
+		// the remote already held the value (issue 7 §5).
 		{"owner edited, ours sets owner", map[string]any{"owner": "dave"},
 			[]map[string]any{{"owner": "crm-erin"}}, want{
-				statuses:  []string{"noop"},
+				statuses:  []string{"merged"},
+				details:   []string{"kept the remote's value for owner (policy theirs)"},
 				decisions: map[string]string{"owner": "kept_theirs"},
-				outcome:   "noop",
+				outcome:   "merged",
 				remote:    map[string]any{"owner": "dave"},
 				requests:  map[attemptKey]int{patch412: 1, get200: 1},
 			}},
@@ -108,7 +114,8 @@ func TestMergePolicies(t *testing.T) {
 			}},
 		{"owner edited, ours sets owner then status", map[string]any{"owner": "frank"},
 			[]map[string]any{{"owner": "crm-gina"}, {"status": "won"}}, want{
-				statuses:  []string{"noop", "merged"},
+				statuses:  []string{"merged", "merged"},
+				details:   []string{"kept the remote's value for owner (policy theirs)", ""},
 				decisions: map[string]string{"owner": "kept_theirs", "status": "took_ours"},
 				outcome:   "merged",
 				remote:    map[string]any{"owner": "frank", "status": "won"},
@@ -117,6 +124,7 @@ func TestMergePolicies(t *testing.T) {
 		{"status and owner edited, ours sets both", map[string]any{"status": "lost", "owner": "hank"},
 			[]map[string]any{{"status": "won", "owner": "crm-ivan"}}, want{
 				statuses:  []string{"merged"},
+				details:   []string{"kept the remote's value for owner (policy theirs)"},
 				decisions: map[string]string{"owner": "kept_theirs", "status": "took_ours"},
 				outcome:   "merged",
 				remote:    map[string]any{"owner": "hank", "status": "won"},
@@ -192,6 +200,17 @@ func TestMergePolicies(t *testing.T) {
 						cid, c.changes[j], id, r.status, c.want.statuses[j], r.lastError)
 					if r.status == "dead" {
 						require.Contains(t, r.lastError, c.want.lastError, "last_error of change %d: got %q; want it to contain %q", cid, r.lastError, c.want.lastError)
+					}
+					wantDetail := ""
+					if c.want.details != nil {
+						wantDetail = c.want.details[j]
+					}
+					if r.status != "dead" {
+						require.Equal(t, wantDetail, h.outcomeDetail(cid), "outcome_detail of change %d: got %q; want %q", cid, h.outcomeDetail(cid), wantDetail)
+						var shown string
+						require.NoError(t, h.pool.QueryRow(context.Background(), `SELECT coalesce(detail->>'outcome_detail', '')
+							FROM stagesync.change_history($1) WHERE event = 'finished'`, cid).Scan(&shown))
+						require.Equal(t, wantDetail, shown, "change_history's finished event of change %d: got %q; want %q", cid, shown, wantDetail)
 					}
 				}
 				// Written changes carry the ETag of their write; the stored
