@@ -606,7 +606,7 @@ func writeAlertsText(w io.Writer, rep *statusReport) error {
 	if len(rep.ConflictAlerts) == 0 {
 		return nil
 	}
-	fmt.Fprintf(w, "\nCONFLICT ALERT (alert.conflict_rate over alert.window; judged from %d requests)\n", processor.ConflictAlertMinRequests)
+	fmt.Fprintf(w, "\nCONFLICT ALERT (conflict rate over each target's alert.window; judged with at least %d requests)\n", processor.ConflictAlertMinRequests)
 	tab := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	for _, a := range rep.ConflictAlerts {
 		state := "ok"
