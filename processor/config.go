@@ -29,6 +29,8 @@ type Config struct {
 	LogFormat string `yaml:"log_format"`
 	// Dispatch tunes how pending changes become jobs.
 	Dispatch DispatchConfig `yaml:"dispatch"`
+	// Retention says how long finished changes and audit rows are kept.
+	Retention RetentionConfig `yaml:"retention"`
 	// Targets are the remote endpoints, by name (the changes.target value).
 	Targets map[string]*TargetConfig `yaml:"targets"`
 }
@@ -90,6 +92,8 @@ type TargetConfig struct {
 	Backoff BackoffConfig `yaml:"backoff"`
 	// Merge holds the field policies of the three-way merge.
 	Merge MergeConfig `yaml:"merge"`
+	// Retention overrides the global retention for this target's rows.
+	Retention TargetRetention `yaml:"retention"`
 
 	// authValue is the resolved secret.
 	authValue string
@@ -249,6 +253,9 @@ func (c *Config) validate(getenv func(string) string) error {
 	if d.ShutdownGrace.D() < 0 {
 		bad("dispatch.shutdown_grace", "must not be negative")
 	}
+	for _, e := range c.Retention.validate() {
+		bad("retention."+e.key, "%s", e.msg)
+	}
 	if len(c.Targets) == 0 {
 		bad("targets", "at least one target is required")
 	}
@@ -373,7 +380,7 @@ func (t *TargetConfig) validate(getenv func(string) string) []keyError {
 			bad("merge.fields."+f, "must be ours, theirs or manual, got %q", p)
 		}
 	}
-	return errs
+	return append(errs, t.Retention.validate()...)
 }
 
 // validHeaderValue allows visible characters, spaces and tabs (RFC 9110
