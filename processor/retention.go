@@ -37,7 +37,7 @@ type RetentionConfig struct {
 	// own short transaction. Defaults to 5000.
 	BatchSize int `yaml:"batch_size"`
 	// Pause is the wait between two full batches, which leaves the database
-	// to the processor. Defaults to 100ms.
+	// to the processor; between 1ms and 1m. Defaults to 100ms.
 	Pause Duration `yaml:"pause"`
 }
 
@@ -137,10 +137,9 @@ func (r *RetentionConfig) validate() []keyError {
 	if r.BatchSize < 1 || r.BatchSize > 100000 {
 		errs = append(errs, keyError{"batch_size", "must be between 1 and 100000"})
 	}
-	if r.Pause.D() < 0 || r.Pause.D() > time.Minute {
-		errs = append(errs, keyError{"pause", "must be between 0s and 1m"})
-	} else if r.Pause == 0 {
-		r.Pause = Duration(100 * time.Millisecond)
+	defaultDuration(&r.Pause, 100*time.Millisecond)
+	if r.Pause.D() < time.Millisecond || r.Pause.D() > time.Minute {
+		errs = append(errs, keyError{"pause", "must be between 1ms and 1m"})
 	}
 	return errs
 }

@@ -74,7 +74,7 @@ func TestRetentionConfig(t *testing.T) {
 		{
 			name:    "a long pause",
 			yaml:    "retention: {pause: 5m}\ntargets:\n" + target("a", ""),
-			wantErr: "retention.pause: must be between 0s and 1m",
+			wantErr: "retention.pause: must be between 1ms and 1m",
 		},
 		{
 			name:    "the interval per target",
