@@ -150,3 +150,23 @@ func hijacked(t *testing.T, d testDB) [][2]string {
 	require.NoError(t, err)
 	return got
 }
+
+// Every function in schema stagesync pins search_path, so the next function
+// added is held to TestFunctionsResistSearchPathHijack's rule too. The two
+// trigger functions that run for every written row name pg_catalog's
+// functions instead (a SET clause would cost each row).
+func TestFunctionsPinTheirSearchPath(t *testing.T) {
+	t.Parallel()
+	d := newTestDB(t)
+	rows, err := d.Pool.Query(t.Context(), `SELECT p.oid::regprocedure::text
+		FROM pg_proc p
+		JOIN pg_namespace n ON n.oid = p.pronamespace
+		WHERE n.nspname = 'stagesync'
+		  AND NOT coalesce(p.proconfig @> ARRAY['search_path=pg_catalog, pg_temp'], false)
+		ORDER BY 1`)
+	require.NoError(t, err)
+	unpinned, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	require.Equal(t, []string{"stagesync.notify_changes()", "stagesync.touch_updated_at()"}, unpinned,
+		"functions without search_path = pg_catalog, pg_temp")
+}
