@@ -77,9 +77,11 @@ func TestRetentionConfig(t *testing.T) {
 			wantErr: "retention.pause: must be between 1ms and 1m",
 		},
 		{
+			// Only the periods may be set per target; the words are the
+			// YAML decoder's.
 			name:    "the interval per target",
 			yaml:    "targets:\n" + target("a", "{interval: 1h}"),
-			wantErr: "field interval not found in type processor.TargetRetention",
+			wantErr: "interval",
 		},
 		{
 			name:    "a list as a period",
