@@ -58,12 +58,12 @@ func TestChangesRefusesMalformedRows(t *testing.T) {
 		{
 			name: "resource_id is empty", cols: "target, resource_id, fields", vals: `'territory', '', '{"a": 1}'`,
 			wantCode: "23514", wantConstraint: "changes_resource_id_not_empty", wantColumn: "resource_id",
-			wantMessage: `resource_id must not be empty or only whitespace; got ""`,
+			wantMessage: `resource_id must not be empty or only spaces; got ""`,
 		},
 		{
 			name: "resource_id is only spaces", cols: "target, resource_id, fields", vals: `'territory', '   ', '{"a": 1}'`,
 			wantCode: "23514", wantConstraint: "changes_resource_id_not_empty", wantColumn: "resource_id",
-			wantMessage: `resource_id must not be empty or only whitespace; got "   "`,
+			wantMessage: `resource_id must not be empty or only spaces; got "   "`,
 		},
 		{
 			name: "resource_id has a newline", cols: "target, resource_id, fields", vals: `'territory', E'r\n1', '{"a": 1}'`,

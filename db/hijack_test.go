@@ -41,10 +41,10 @@ LANGUAGE plpgsql AS $$ BEGIN
     INSERT INTO public.hijack_log VALUES (current_user, 'now()');
     RETURN pg_catalog.now();
 END $$;
-CREATE FUNCTION public.jsonb_path_exists(target jsonb, path jsonpath, vars jsonb DEFAULT '{}', silent boolean DEFAULT false)
-RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN
-    INSERT INTO public.hijack_log VALUES (current_user, 'jsonb_path_exists');
-    RETURN pg_catalog.jsonb_path_exists(target, path, vars, silent);
+CREATE FUNCTION public.btrim(s text) RETURNS text
+LANGUAGE plpgsql AS $$ BEGIN
+    INSERT INTO public.hijack_log VALUES (current_user, 'btrim(text)');
+    RETURN pg_catalog.btrim(s);
 END $$;
 `
 

@@ -56,7 +56,7 @@ func TestChangesRefusesAStatementWithOneBadRow(t *testing.T) {
 		{
 			name: "a resource_id of spaces", target: "territory", resourceID: "    ", fields: `{"a": 1}`,
 			wantCode: "23514", wantConstraint: "changes_resource_id_not_empty",
-			wantMessage: `resource_id must not be empty or only whitespace; got "    "`,
+			wantMessage: `resource_id must not be empty or only spaces; got "    "`,
 		},
 		{
 			name: "an unknown target", target: "teritory", resourceID: "r1", fields: `{"a": 1}`,
