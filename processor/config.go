@@ -27,6 +27,8 @@ type Config struct {
 	LogFormat string `yaml:"log_format"`
 	// Dispatch tunes how pending changes become jobs.
 	Dispatch DispatchConfig `yaml:"dispatch"`
+	// Retention says how long finished changes and audit rows are kept.
+	Retention RetentionConfig `yaml:"retention"`
 	// Targets are the remote endpoints, by name (the changes.target value).
 	Targets map[string]*TargetConfig `yaml:"targets"`
 }
@@ -98,6 +100,8 @@ type TargetConfig struct {
 	// Alert says when the target's conflict rate is too high: the status
 	// page draws the threshold on the conflict-rate chart.
 	Alert AlertConfig `yaml:"alert"`
+	// Retention overrides the global retention for this target's rows.
+	Retention TargetRetention `yaml:"retention"`
 
 	// authValue is the resolved secret.
 	authValue string
@@ -269,6 +273,9 @@ func (c *Config) validate(getenv func(string) string) error {
 	if d.ShutdownGrace.D() < 0 {
 		bad("dispatch.shutdown_grace", "must not be negative")
 	}
+	for _, e := range c.Retention.validate() {
+		bad("retention."+e.key, "%s", e.msg)
+	}
 	if len(c.Targets) == 0 {
 		bad("targets", "at least one target is required")
 	}
@@ -407,7 +414,7 @@ func (t *TargetConfig) validate(getenv func(string) string) []keyError {
 	if t.Alert.Window.D() < time.Minute || t.Alert.Window.D() > 24*time.Hour {
 		bad("alert.window", "must be between 1m and 24h, got %v", t.Alert.Window.D())
 	}
-	return errs
+	return append(errs, t.Retention.validate()...)
 }
 
 // validHeaderValue allows visible characters, spaces and tabs (RFC 9110

@@ -104,6 +104,9 @@ func New(cfg *Config, opts Options) (*Processor, error) {
 	if err := river.AddWorkerSafely(workers, &dispatchWorker{p: p}); err != nil {
 		return nil, fmt.Errorf("register dispatch worker: %w", err)
 	}
+	if err := river.AddWorkerSafely(workers, &retentionWorker{p: p}); err != nil {
+		return nil, fmt.Errorf("register retention worker: %w", err)
+	}
 	queues := map[string]river.QueueConfig{river.QueueDefault: {MaxWorkers: 2}}
 	for name, t := range cfg.Targets {
 		r := newRemote(t, hc, p.metrics)
@@ -135,11 +138,11 @@ func New(cfg *Config, opts Options) (*Processor, error) {
 		// beyond RescueAfter, so a live job is not rescued as a dead one.
 		JobTimeout:      cfg.Dispatch.RescueAfter.D(),
 		SoftStopTimeout: cfg.Dispatch.ShutdownGrace.D(),
-		PeriodicJobs: []*river.PeriodicJob{
+		PeriodicJobs: append([]*river.PeriodicJob{
 			river.NewPeriodicJob(river.PeriodicInterval(cfg.Dispatch.PollInterval.D()),
 				func() (river.JobArgs, *river.InsertOpts) { return DispatchArgs{}, nil },
 				&river.PeriodicJobOpts{RunOnStart: true}),
-		},
+		}, retentionPeriodicJobs(cfg)...),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("create river client: %w", err)
