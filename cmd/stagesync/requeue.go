@@ -132,10 +132,11 @@ func RequeueSQL(ids []int64, anyRejected bool) string {
 	return call + ")"
 }
 
-// RequeueHint returns the command that requeues one dead letter: a dead
-// change needs only its id, a rejected one also --include-rejected.
+// RequeueHint returns the command that requeues one dead letter, as this
+// binary was run: a dead change needs only its id, a rejected one also
+// --include-rejected.
 func RequeueHint(id int64, status string) string {
-	return "stagesync requeue " + RequeueFlags([]int64{id}, status == "rejected")
+	return self + " requeue " + RequeueFlags([]int64{id}, status == "rejected")
 }
 
 func joinIDs(ids []int64, sep string) string {

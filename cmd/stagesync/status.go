@@ -507,15 +507,16 @@ func writeStatusText(w io.Writer, rep *statusReport) error {
 		_, err := fmt.Fprintf(w, "\nDEAD LETTERS: none\n")
 		return err
 	}
-	fmt.Fprintf(w, "\nDEAD LETTERS (latest %d; requeue with: stagesync requeue --id ID)\n", len(rep.DeadLetters))
+	fmt.Fprintf(w, "\nDEAD LETTERS (latest %d; requeue one, once its cause is fixed, with %s requeue and the flags in its row)\n", len(rep.DeadLetters), self)
 	tab := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintf(tab, "id\ttarget\tresource\tstatus\tattempts\tfinished\tlast error\n")
+	fmt.Fprintf(tab, "id\ttarget\tresource\tstatus\tattempts\tfinished\trequeue with\tlast error\n")
 	for _, d := range rep.DeadLetters {
 		fin := "-"
 		if d.FinishedAt != nil {
 			fin = d.FinishedAt.Format(time.DateTime)
 		}
-		fmt.Fprintf(tab, "%d\t%s\t%s\t%s\t%d\t%s\t%s\n", d.ID, d.Target, oneLine(d.ResourceID, 40), d.Status, d.Attempts, fin, oneLine(d.LastError, 120))
+		fmt.Fprintf(tab, "%d\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", d.ID, d.Target, oneLine(d.ResourceID, 40), d.Status, d.Attempts, fin,
+			RequeueFlags([]int64{d.ID}, d.Status == "rejected"), oneLine(d.LastError, 120))
 	}
 	if err := tab.Flush(); err != nil {
 		return fmt.Errorf("write status: %w", err)

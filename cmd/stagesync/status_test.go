@@ -199,7 +199,11 @@ func TestStatusCommand(t *testing.T) {
 		require.Equal(t, []string{"1", "2", "1"}, a[4:])
 		require.Equal(t, []string{"total", "4", "2"}, row("total"))
 		require.Contains(t, text, "IN FLIGHT: 2 changes processing, 1 jobs running, 2 jobs queued, 1 jobs scheduled for a retry\n")
-		require.Contains(t, text, "DEAD LETTERS (latest 2; requeue with: stagesync requeue --id ID)\n")
+		require.Contains(t, text, "DEAD LETTERS (latest 2; requeue one, once its cause is fixed, with stagesync requeue and the flags in its row)\n")
+		// Each row names its own command: a rejected change needs
+		// --include-rejected, a dead one does not.
+		require.Regexp(t, `(?m)^14 +beta +b2 +rejected .* --id 14 --include-rejected +PATCH`, text)
+		require.Regexp(t, `(?m)^12 +alpha +a9 +dead .* --id 12 +gave up`, text)
 		require.Contains(t, text, f.deadLastError)
 		require.Contains(t, text, f.rejectedReason)
 	})

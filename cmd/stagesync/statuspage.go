@@ -220,6 +220,9 @@ type pageDeadLetter struct {
 	ID                                                int64
 	Target, ResourceID, Status, FinishedAt, LastError string
 	Attempts                                          int32
+	// Requeue is the command that requeues it (--include-rejected for a
+	// rejected change).
+	Requeue string
 }
 
 // lineChart is an SVG line chart in a fixed viewBox.
@@ -466,7 +469,8 @@ func buildStatusPage(ctx context.Context, pool *pgxpool.Pool, samples []backlogS
 			Fields: fields, Conflicts: h.Conflicts, Requests: h.Requests, Merges: h.Merges, NeedsReview: h.NeedsReview})
 	}
 	for _, d := range rep.DeadLetters {
-		row := pageDeadLetter{ID: d.ID, Target: d.Target, ResourceID: d.ResourceID, Status: d.Status, Attempts: d.Attempts, FinishedAt: "-", LastError: d.LastError}
+		row := pageDeadLetter{ID: d.ID, Target: d.Target, ResourceID: d.ResourceID, Status: d.Status, Attempts: d.Attempts, FinishedAt: "-", LastError: d.LastError,
+			Requeue: RequeueHint(d.ID, d.Status)}
 		if d.FinishedAt != nil {
 			row.FinishedAt = d.FinishedAt.Format(time.DateTime)
 		}

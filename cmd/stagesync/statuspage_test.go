@@ -180,6 +180,9 @@ func TestStatusPageInChromium(t *testing.T) {
 		// Dead letters, newest first, linked to their history.
 		`<tr id="dead-` + itoa(deadID) + `"><td class="num" data-label="id"><a href="/history?change=` + itoa(deadID) + `">` + itoa(deadID) + `</a></td><td data-label="target">erp</td><td class="id" data-label="resource"><a href="/history?target=erp&amp;resource=x-9">x-9</a></td><td data-label="status">dead</td><td class="num" data-label="attempts">10</td>`,
 		`<tr id="dead-` + itoa(rejID) + `">`,
+		// Each dead letter names the command that requeues it.
+		`<td data-label="requeue with"><code>stagesync requeue --id ` + itoa(deadID) + `</code></td></tr>`,
+		`<td data-label="requeue with"><code>stagesync requeue --id ` + itoa(rejID) + ` --include-rejected</code></td></tr>`,
 		`"&gt;&lt;script&gt;alert(1)&lt;/script&gt;&amp;change=1</a>`,
 		`422 &lt;img src=x onerror=alert(2)&gt; field "status" is &lt;b&gt;bad&lt;/b&gt;`,
 		// The search form.
