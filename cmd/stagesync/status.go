@@ -9,6 +9,7 @@ import (
 	"math"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -119,6 +120,17 @@ type statusReport struct {
 	ConflictAlerts []conflictAlertRow `json:"conflict_alerts"`
 	HotResources   []hotResource      `json:"hot_resources"`
 	DeadLetters    []deadLetterRow    `json:"dead_letters"`
+	// Tables are stagesync's tables (and River's job table), largest
+	// first: what retention keeps in check.
+	Tables []tableSize `json:"tables"`
+}
+
+// tableSize is one table's size on disk (indexes and TOAST included) and
+// the planner's row estimate (-1 before the table was first analyzed).
+type tableSize struct {
+	Table         string `json:"table"`
+	Bytes         int64  `json:"bytes"`
+	EstimatedRows int64  `json:"estimated_rows"`
 }
 
 // targetHealth is one registered target's pause (throttling applies to every
@@ -371,6 +383,15 @@ func collectStatus(ctx context.Context, tx pgx.Tx, now time.Time, limits statusL
 		}
 	}
 
+	tables, err := q.StatusTableSizes(ctx, tx)
+	if err != nil {
+		return nil, fmt.Errorf("read table sizes: %w", err)
+	}
+	rep.Tables = make([]tableSize, 0, len(tables))
+	for _, t := range tables {
+		rep.Tables = append(rep.Tables, tableSize{Table: t.TableName, Bytes: t.Bytes, EstimatedRows: t.EstimatedRows})
+	}
+
 	if limits.dead > 0 {
 		dead, err := q.DeadLettersLatest(ctx, tx, int32(limits.dead))
 		if err != nil {
@@ -500,6 +521,10 @@ func writeStatusText(w io.Writer, rep *statusReport) error {
 	fmt.Fprintf(w, ", %d jobs running, %d jobs queued, %d jobs scheduled for a retry\n", running, queued, scheduled)
 
 	if err := writeHotText(w, rep); err != nil {
+		return err
+	}
+
+	if err := writeTablesText(w, rep); err != nil {
 		return err
 	}
 
@@ -917,4 +942,47 @@ func oneLine(s string, n int) string {
 		return string(r[:n-1]) + "…"
 	}
 	return s
+}
+
+// writeTablesText prints the tables' sizes, largest first.
+func writeTablesText(w io.Writer, rep *statusReport) error {
+	if len(rep.Tables) == 0 {
+		return nil
+	}
+	fmt.Fprintf(w, "\nTABLES (size with indexes; rows as estimated by PostgreSQL; kept in check by retention)\n")
+	tab := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintf(tab, "table\tsize\trows\t\n")
+	for _, t := range rep.Tables {
+		fmt.Fprintf(tab, "%s\t%s\t%s\t\n", t.Table, formatBytes(t.Bytes), formatRows(t.EstimatedRows))
+	}
+	if err := tab.Flush(); err != nil {
+		return fmt.Errorf("write status: %w", err)
+	}
+	return nil
+}
+
+// formatBytes prints a size in the largest unit that keeps it at or above
+// one: 512 B, 1.5 MiB, 12 GiB.
+func formatBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	v, exp := float64(n)/unit, 0
+	for v >= unit && exp < 4 {
+		v /= unit
+		exp++
+	}
+	if v < 10 {
+		return fmt.Sprintf("%.1f %ciB", v, "KMGTP"[exp])
+	}
+	return fmt.Sprintf("%.0f %ciB", v, "KMGTP"[exp])
+}
+
+// formatRows prints a row estimate, "-" when PostgreSQL has none yet.
+func formatRows(n int64) string {
+	if n < 0 {
+		return "-"
+	}
+	return strconv.FormatInt(n, 10)
 }

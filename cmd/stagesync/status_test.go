@@ -133,7 +133,25 @@ func TestStatusJSONHasTheDatabaseFigures(t *testing.T) {
 		f.rejID, f.rejectedReason, ts(f.rejFinished), f.deadID, f.deadLastError, ts(f.deadFinished),
 		ts(f.now.Add(-10*time.Minute)), ts(f.now.Add(-10*time.Minute)), ts(f.now.Add(-10*time.Minute)),
 		ts(f.now.Add(-2*time.Hour)), ts(f.now.Add(-2*time.Hour)))
-	require.JSONEq(t, want, out.String())
+	// Table sizes depend on the server; they are checked apart, the rest
+	// exactly.
+	var got map[string]any
+	require.NoError(t, json.Unmarshal(out.Bytes(), &got))
+	tables, ok := got["tables"].([]any)
+	require.True(t, ok, "tables: got %T; want a list", got["tables"])
+	sizes := map[string]float64{}
+	for _, tb := range tables {
+		m := tb.(map[string]any)
+		sizes[m["table"].(string)] = m["bytes"].(float64)
+		require.GreaterOrEqual(t, m["estimated_rows"].(float64), float64(-1), "estimated_rows of %v", m["table"])
+	}
+	for _, name := range []string{"changes", "attempts", "merges", "resources", "outbox", "river_job"} {
+		require.Positive(t, sizes[name], "size of table %s: got %v; want > 0 (tables: %v)", name, sizes[name], sizes)
+	}
+	delete(got, "tables")
+	rest, err := json.Marshal(got)
+	require.NoError(t, err)
+	require.JSONEq(t, want, string(rest))
 }
 
 func TestStatusMarksATargetAboveItsConflictAlert(t *testing.T) {
@@ -199,6 +217,8 @@ func TestStatusCommand(t *testing.T) {
 		require.Equal(t, []string{"1", "2", "1"}, a[4:])
 		require.Equal(t, []string{"total", "4", "2"}, row("total"))
 		require.Contains(t, text, "IN FLIGHT: 2 changes processing, 1 jobs running, 2 jobs queued, 1 jobs scheduled for a retry\n")
+		require.Contains(t, text, "\nTABLES (size with indexes; rows as estimated by PostgreSQL; kept in check by retention)\n")
+		require.Regexp(t, `(?m)^ +changes +[0-9.]+ (B|KiB|MiB) +(-|[0-9]+) *$`, text)
 		require.Contains(t, text, "DEAD LETTERS (latest 2; requeue one, once its cause is fixed, with stagesync requeue and the flags in its row)\n")
 		// Each row names its own command: a rejected change needs
 		// --include-rejected, a dead one does not.
@@ -471,4 +491,13 @@ func TestStatusWatchUntilDrainedGivesUpWhenNoWorkAppears(t *testing.T) {
 	require.NoError(t, run(t.Context(), []string{"status", "--watch", "--until-drained", "--wait-for-work", "0", "--database-url", url},
 		func(string) string { return "" }, &out), "--wait-for-work 0: nothing open means drained")
 	require.Contains(t, out.String(), "0/0  100%  0/s  drained\n")
+}
+
+func TestFormatBytesAndRows(t *testing.T) {
+	t.Parallel()
+	for n, want := range map[int64]string{0: "0 B", 1023: "1023 B", 1024: "1.0 KiB", 1536: "1.5 KiB", 10 << 20: "10 MiB", 3 << 30: "3.0 GiB"} {
+		require.Equal(t, want, formatBytes(n), "formatBytes(%d)", n)
+	}
+	require.Equal(t, "-", formatRows(-1))
+	require.Equal(t, "42", formatRows(42))
 }

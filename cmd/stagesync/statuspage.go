@@ -183,6 +183,8 @@ type statusPage struct {
 	Alerts      []pageAlert
 	Hot         []pageHot
 	DeadLetters []pageDeadLetter
+	// Tables are the tables' sizes, largest first.
+	Tables []pageTable
 	// Targets fill the search form's target choice; Query and
 	// QueryTarget its fields (empty here).
 	Targets            []string
@@ -215,6 +217,9 @@ type pageHot struct {
 	Target, ResourceID, Rate, LastConflict, Fields string
 	Conflicts, Requests, Merges, NeedsReview       int64
 }
+
+// pageTable is one table's size on disk and estimated rows.
+type pageTable struct{ Table, Size, Rows string }
 
 type pageDeadLetter struct {
 	ID                                                int64
@@ -467,6 +472,9 @@ func buildStatusPage(ctx context.Context, pool *pgxpool.Pool, samples []backlogS
 		}
 		page.Hot = append(page.Hot, pageHot{Target: h.Target, ResourceID: h.ResourceID, Rate: formatPercent(h.ConflictRate), LastConflict: last,
 			Fields: fields, Conflicts: h.Conflicts, Requests: h.Requests, Merges: h.Merges, NeedsReview: h.NeedsReview})
+	}
+	for _, t := range rep.Tables {
+		page.Tables = append(page.Tables, pageTable{Table: t.Table, Size: formatBytes(t.Bytes), Rows: formatRows(t.EstimatedRows)})
 	}
 	for _, d := range rep.DeadLetters {
 		row := pageDeadLetter{ID: d.ID, Target: d.Target, ResourceID: d.ResourceID, Status: d.Status, Attempts: d.Attempts, FinishedAt: "-", LastError: d.LastError,

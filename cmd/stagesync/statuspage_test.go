@@ -185,6 +185,9 @@ func TestStatusPageInChromium(t *testing.T) {
 		`<td data-label="requeue with"><code>stagesync requeue --id ` + itoa(rejID) + ` --include-rejected</code></td></tr>`,
 		`"&gt;&lt;script&gt;alert(1)&lt;/script&gt;&amp;change=1</a>`,
 		`422 &lt;img src=x onerror=alert(2)&gt; field "status" is &lt;b&gt;bad&lt;/b&gt;`,
+		// Table sizes.
+		`<table id="tables" class="stack">`,
+		`<td data-label="table">changes</td>`,
 		// The search form.
 		`<form class="search" method="get" action="/history" role="search">`,
 		`<option value="">any target</option><option>erp</option><option>territory</option>`,
