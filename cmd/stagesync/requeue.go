@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"strconv"
@@ -17,8 +16,7 @@ import (
 )
 
 func cmdRequeue(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
-	fs := flag.NewFlagSet("requeue", flag.ContinueOnError)
-	fs.SetOutput(stdout)
+	fs := newFlagSet(ctx, "requeue", stdout)
 	dbURL := fs.String("database-url", "", "PostgreSQL URL (default $DATABASE_URL, else the local server)")
 	var ids idList
 	fs.Var(&ids, "id", "change id to requeue; repeat the flag or give a comma-separated list")
@@ -27,24 +25,18 @@ func cmdRequeue(ctx context.Context, args []string, getenv func(string) string, 
 	until := fs.String("until", "", "only changes finished before this time (same forms as --since)")
 	includeRejected := fs.Bool("include-rejected", false, "also requeue rejected changes (by default only dead ones)")
 	all := fs.Bool("all", false, "requeue every dead change (required when no other filter is given; SQL: everything => true)")
-	fs.Usage = func() {
-		fmt.Fprintln(stdout, "usage: stagesync requeue [--id N[,N…]]… [--target NAME] [--since T] [--until T] [--include-rejected] [--all] [--database-url URL]")
-		fmt.Fprintln(stdout, "Moves dead (and with --include-rejected, rejected) changes back to pending with a fresh attempt budget,")
-		fmt.Fprintln(stdout, "via SELECT stagesync.requeue(...); the call is recorded in stagesync.admin_actions.")
-		fs.PrintDefaults()
-	}
-	if err := fs.Parse(args); err != nil {
+	rest, err := parseFlags(fs, args)
+	if err != nil {
 		return err
 	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("requeue: unexpected arguments %q", fs.Args())
+	if len(rest) > 0 {
+		return fmt.Errorf("requeue: unexpected arguments %q", rest)
 	}
 	now := time.Now()
 	params := db.RequeueParams{IDs: ids, IncludeRejected: *includeRejected, Everything: *all}
 	if *target != "" {
 		params.Target = target
 	}
-	var err error
 	if params.Since, err = parseTimeFlag("--since", *since, now); err != nil {
 		return err
 	}
