@@ -22,6 +22,7 @@ type Metrics struct {
 	pauses         *prometheus.CounterVec
 	refused        *prometheus.CounterVec
 	rescued        prometheus.Counter
+	batch          batchMetrics // batch.go
 }
 
 // NewMetrics creates the instruments and registers them with reg (nil: not
@@ -82,6 +83,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		reg.MustRegister(m.requests, m.requestSeconds, m.conflicts, m.merges, m.changes, m.claimed, m.jobs,
 			m.inflightLimit, m.rateShare, m.pauses, m.refused, m.rescued)
 	}
+	m.batch = newBatchMetrics(reg)
 	return m
 }
 

@@ -202,7 +202,7 @@ func leftoverFrom(target string, r db.OutboxLeftoversRow) leftover {
 	}
 	lo := leftover{id: r.ID, attempt: attemptRecord{
 		resourceID: r.ResourceID, changeIDs: r.ChangeIDs, method: r.Method, url: r.URL, ifMatch: ifMatch,
-		outcome: outcomeUnknown, at: r.CreatedAt,
+		ifNoneMatch: deref(r.IfNoneMatch), outcome: outcomeUnknown, at: r.CreatedAt,
 		errText: "the answer was never recorded (the process or its database session ended first); the request may have been applied",
 	}}
 	if r.Method != "GET" {
