@@ -117,10 +117,26 @@ func newBatcher(r *remote) *batcher {
 	bw := r.t.BatchWrite
 	b := &batcher{r: r, url: r.t.BaseURL + bw.Path, max: bw.MaxRequests, ids: &batchIDs{},
 		logger: slog.New(slog.NewTextHandler(io.Discard, nil)), linger: batchLinger, maxLinger: batchMaxLinger}
-	if u, err := url.Parse(r.t.BaseURL); err == nil {
-		b.origin = u.Scheme + "://" + u.Host
-	}
+	b.origin = originOf(r.t.BaseURL)
 	return b
+}
+
+// originOf is a base URL's scheme://host[:port].
+func originOf(base string) string {
+	if u, err := url.Parse(base); err == nil && u.Host != "" {
+		return u.Scheme + "://" + u.Host
+	}
+	return ""
+}
+
+// itemRef is how a batch item names its url: an absolute path, resolved
+// against the batch request's scheme, host and port (OData 4.01 JSON §19.1)
+// whatever the service root; the full URL if it is on another origin.
+func itemRef(origin, u string) string {
+	if p, ok := strings.CutPrefix(u, origin); ok && origin != "" && strings.HasPrefix(p, "/") {
+		return p
+	}
+	return u
 }
 
 // attachBatch gives a batch-writing remote the process's logger and the
@@ -411,12 +427,6 @@ func (b *batcher) encode(calls []*batchCall) ([]byte, error) {
 	items := make([]odataRequest, len(calls))
 	for i, c := range calls {
 		r := c.req
-		u := r.url
-		// An absolute path is resolved against the batch request's scheme,
-		// host and port (OData 4.01 JSON §19.1), whatever the service root.
-		if p, ok := strings.CutPrefix(u, b.origin); ok && b.origin != "" && strings.HasPrefix(p, "/") {
-			u = p
-		}
 		h := map[string]string{}
 		if r.ifMatch != "" {
 			h["if-match"] = r.ifMatch
@@ -427,7 +437,7 @@ func (b *batcher) encode(calls []*batchCall) ([]byte, error) {
 		if r.key != "" {
 			h["idempotency-key"] = r.key
 		}
-		it := odataRequest{ID: strconv.Itoa(i + 1), Method: r.method, URL: u, Headers: h}
+		it := odataRequest{ID: strconv.Itoa(i + 1), Method: r.method, URL: itemRef(b.origin, r.url), Headers: h}
 		if r.payload != nil {
 			h["content-type"] = "application/json"
 			it.Body = r.payload
@@ -916,4 +926,91 @@ func (m *Metrics) setBatchMax(target string, n int) {
 	if m != nil {
 		m.batch.max.WithLabelValues(target).Set(float64(n))
 	}
+}
+
+// ProbeBatchWrite checks t's batch write endpoint (batch_write) without
+// writing anything: it POSTs a batch holding one GET of resourceID (or, with
+// no id known, an empty batch) and expects a JSON batch answer, with the
+// item's ETag. A GET inside a batch is what an OData service must accept
+// (an OPTIONS or a HEAD of the endpoint is not). Details never contain the
+// credential.
+func ProbeBatchWrite(ctx context.Context, client *http.Client, t *TargetConfig, resourceID string) ProbeResult {
+	const check = "batch write"
+	if t.BatchWrite == nil {
+		return ProbeResult{check, ProbeSkipped, "batch_write not configured (one request per write)"}
+	}
+	p := prober{client: client, t: t}
+	u := t.BaseURL + t.BatchWrite.Path
+	what := "an empty batch"
+	items := []odataRequest{}
+	if resourceID != "" {
+		items = append(items, odataRequest{ID: "1", Method: http.MethodGet,
+			URL: itemRef(originOf(t.BaseURL), (&remote{t: t}).itemURL(resourceID)), Headers: map[string]string{"accept": "application/json"}})
+		what = fmt.Sprintf("a batch holding one GET of %q", resourceID)
+	}
+	body, err := json.Marshal(map[string]any{"requests": items})
+	if err != nil {
+		return ProbeResult{check, ProbeFailed, "encode the probe: " + err.Error()}
+	}
+	a := p.post(ctx, u, body)
+	var ans map[string]odataResponse
+	switch {
+	case a.err != nil:
+		return ProbeResult{check, ProbeFailed, "POST " + u + ": " + a.err.Error()}
+	case a.status == http.StatusNotFound || a.status == http.StatusMethodNotAllowed || a.status == http.StatusNotImplemented:
+		return ProbeResult{check, ProbeFailed, fmt.Sprintf("POST %s (%s) answered %d: no JSON batch endpoint there; check batch_write.path (%s)", u, what, a.status, a.reason)}
+	case a.status != http.StatusOK:
+		return ProbeResult{check, ProbeFailed, fmt.Sprintf("POST %s (%s) answered %d: %s", u, what, a.status, a.reason)}
+	default:
+		if ans, err = decodeBatchAnswer(a.body, nil, false); err != nil {
+			return ProbeResult{check, ProbeFailed, fmt.Sprintf(`POST %s (%s) answered 200, but not with an OData JSON batch answer ({"responses": [...]})`, u, what)}
+		}
+	}
+	if resourceID == "" {
+		return ProbeResult{check, ProbeOK, fmt.Sprintf("POST %s (%s) answered 200 in %s", u, what, a.took)}
+	}
+	it, ok := ans["1"]
+	if !ok {
+		return ProbeResult{check, ProbeWarning, fmt.Sprintf("POST %s (%s) answered 200 without an answer for the GET", u, what)}
+	}
+	b := &batcher{r: &remote{t: t}}
+	resp := b.itemResponse(request{method: http.MethodGet}, it, time.Now())
+	switch {
+	case it.Status != http.StatusOK:
+		return ProbeResult{check, ProbeWarning, fmt.Sprintf("POST %s (%s) answered 200; the GET inside answered %d: %s", u, what, it.Status,
+			p.redact(errors.New(remoteReason(resp.rawBody, strconv.Itoa(it.Status)))).Error())}
+	case resp.etag == "":
+		return ProbeResult{check, ProbeWarning, fmt.Sprintf("POST %s (%s) answered 200; the GET inside answered 200 without an ETag header, so writes in batches can't be told their new ETag", u, what)}
+	}
+	return ProbeResult{check, ProbeOK, fmt.Sprintf("POST %s (%s) answered 200; the GET inside answered 200, ETag %s, in %s", u, what, resp.etag, a.took)}
+}
+
+// post sends one POST of a JSON body with the target's credential and
+// timeout.
+func (p prober) post(ctx context.Context, u string, body []byte) probeAnswer {
+	ctx, cancel := context.WithTimeout(ctx, p.t.Timeout.D())
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, bytes.NewReader(body))
+	if err != nil {
+		return probeAnswer{err: fmt.Errorf("build request: %w", err)}
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "application/json")
+	req.Header.Set("OData-Version", "4.01")
+	if p.t.Auth != nil {
+		req.Header.Set(p.t.Auth.Header, p.t.Auth.Prefix+p.t.authValue)
+	}
+	start := time.Now()
+	resp, err := p.client.Do(req)
+	if err != nil {
+		return probeAnswer{err: p.redact(scrubURLError(err))}
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return probeAnswer{err: p.redact(fmt.Errorf("read response body: %w", scrubURLError(err)))}
+	}
+	a := probeAnswer{status: resp.StatusCode, header: resp.Header, body: raw, took: fmt.Sprintf("%.1fms", float64(time.Since(start).Microseconds())/1000)}
+	a.reason = p.redact(fmt.Errorf("%s", remoteReason(raw, resp.Status))).Error()
+	return a
 }
