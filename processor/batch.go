@@ -41,9 +41,9 @@ import (
 //     for an answer (no other write can join: the goroutines are counted
 //     by applier.run), or
 //   - the oldest has waited batchLinger while other goroutines of the
-//     target are busy with something else (a GET after a conflict), or
-//     batchMaxLinger while some are about to join (writing their outbox
-//     row).
+//     target are busy with something else (a GET after a conflict) and
+//     none is about to join (writing its outbox row: those are waited
+//     for, up to batchMaxLinger).
 //
 // The POST is one request for the gate: one in-flight slot, one share of
 // the rate budget, refused as a whole while the target is paused. Writes
@@ -63,11 +63,14 @@ import (
 // read, leaves every write's outcome unknown (in doubt).
 
 // batchLinger is how long the oldest waiting write waits for writes of
-// goroutines busy with something else; batchMaxLinger bounds the wait for
-// writes that are about to join (their outbox row is being committed).
+// goroutines busy with something else (a GET after a conflict). Writes
+// about to join (their outbox rows are being committed, as a group) are
+// waited for: they come as soon as the commit is done, and sending without
+// them would cut a batch in pieces whenever the database is slow.
+// batchMaxLinger only bounds that wait, for a commit that hangs.
 const (
 	batchLinger    = 2 * time.Millisecond
-	batchMaxLinger = 20 * time.Millisecond
+	batchMaxLinger = 250 * time.Millisecond
 )
 
 // batchIDBlock is how many batch_requests ids one nextval hands out (the

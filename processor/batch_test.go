@@ -196,7 +196,7 @@ func TestBatcherLingersForBusyGoroutinesThenSends(t *testing.T) {
 func TestBatcherDueDecision(t *testing.T) {
 	t.Parallel()
 	now := time.Unix(1_700_000_000, 0)
-	b := &batcher{max: 3, linger: 2 * time.Millisecond, maxLinger: 20 * time.Millisecond}
+	b := &batcher{max: 3, linger: 2 * time.Millisecond, maxLinger: 250 * time.Millisecond}
 	queued := func(n int, at time.Time) {
 		b.queue = nil
 		for range n {
@@ -216,8 +216,8 @@ func TestBatcherDueDecision(t *testing.T) {
 		{name: "every goroutine waits", queued: 2, active: 5, inflight: 3, wantDue: true},
 		{name: "a busy goroutine, linger not over", queued: 2, active: 3, waited: time.Millisecond, wantAfter: time.Millisecond},
 		{name: "a busy goroutine, linger over", queued: 2, active: 3, waited: 2 * time.Millisecond, wantDue: true},
-		{name: "a write about to join", queued: 2, active: 3, joining: 1, waited: 5 * time.Millisecond, wantAfter: 15 * time.Millisecond},
-		{name: "a write about to join, long linger over", queued: 2, active: 3, joining: 1, waited: 20 * time.Millisecond, wantDue: true},
+		{name: "a write about to join", queued: 2, active: 3, joining: 1, waited: 50 * time.Millisecond, wantAfter: 200 * time.Millisecond},
+		{name: "a write about to join, long linger over", queued: 2, active: 3, joining: 1, waited: 250 * time.Millisecond, wantDue: true},
 		{name: "writes of uncounted goroutines", queued: 1, active: 0, wantDue: true},
 	}
 	for _, tt := range tests {
