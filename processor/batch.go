@@ -524,8 +524,13 @@ func (b *batcher) post(bctx *batchContext, calls []*batchCall, prior []*batchRec
 		return
 	}
 	defer hresp.Body.Close()
+	// Read within the process's body budget like any answer, with room for
+	// a representation per write, and with the credential redacted before
+	// anything is decoded.
 	limit := int64(maxResponseBody) + int64(len(calls))*maxSnapshotBytes
-	raw, rerr := io.ReadAll(io.LimitReader(hresp.Body, limit+1))
+	raw, truncated, releaseBody, rerr := b.r.bodies.read(rctx, hresp.Body, hresp.ContentLength, limit)
+	defer releaseBody()
+	raw = b.r.t.redactBytes(raw)
 	env.duration, env.status = time.Since(start), hresp.StatusCode
 	b.r.metrics.observeBatch(b.r.t.Name, hresp.StatusCode, len(calls))
 	reason := remoteReason(raw, hresp.Status)
@@ -571,7 +576,7 @@ func (b *batcher) post(bctx *batchContext, calls []*batchCall, prior []*batchRec
 		return
 	}
 
-	answers, derr := decodeBatchAnswer(raw, rerr, int64(len(raw)) > limit)
+	answers, derr := decodeBatchAnswer(raw, rerr, truncated)
 	env.outcome = batchAnswered
 	if derr != nil {
 		env.outcome, env.errText = batchUnknown, derr.Error()
@@ -623,7 +628,7 @@ func decodeBatchAnswer(raw []byte, readErr error, truncated bool) (map[string]od
 	case readErr != nil:
 		return nil, fmt.Errorf("its answer could not be read (%v): the outcome of its writes is unknown", readErr)
 	case truncated:
-		return nil, fmt.Errorf("its answer is larger than stagesync reads (%d bytes): the outcome of its writes is unknown", len(raw)-1)
+		return nil, errors.New("its answer is larger than stagesync reads: the outcome of its writes is unknown")
 	}
 	var body struct {
 		Responses []odataResponse `json:"responses"`

@@ -464,3 +464,41 @@ func TestBatchWriteConfig(t *testing.T) {
 		require.ErrorContains(t, err, want, "%s", text)
 	}
 }
+
+// A remote that echoes the credential in a batch's answer (an item's error
+// body, or the refused batch's) never gets it past the batcher: errors,
+// bodies and attempts rows show [redacted].
+func TestBatcherRedactsTheCredentialInAnswers(t *testing.T) {
+	t.Parallel()
+	const secret = "s3cret-token-0042"
+	for _, whole := range []bool{false, true} {
+		t.Run(fmt.Sprintf("whole batch %v", whole), func(t *testing.T) {
+			t.Parallel()
+			bs := newBatchServer(t)
+			bs.answer = func(_ int, items []odataRequest, w http.ResponseWriter) bool {
+				if whole {
+					http.Error(w, `{"error":"bad request from Bearer `+secret+`"}`, http.StatusBadRequest)
+					return true
+				}
+				var out []map[string]any
+				for _, it := range items {
+					out = append(out, map[string]any{"id": it.ID, "status": 422, "body": map[string]string{"error": "invalid; you sent Bearer " + secret}})
+				}
+				_ = json.NewEncoder(w).Encode(map[string]any{"responses": out})
+				return true
+			}
+			r := batchRemote(t, bs, 50)
+			r.t.Auth, r.t.authValue = &AuthConfig{Header: "Authorization", Prefix: "Bearer "}, secret
+			resps := writeAll(t, r, 2)
+			for id, resp := range resps {
+				require.NotContains(t, resp.err.Error(), secret, "write %s error", id)
+				require.Contains(t, resp.err.Error(), "[redacted]", "write %s error", id)
+				require.NotContains(t, string(resp.rawBody), secret, "write %s body", id)
+				require.NotContains(t, resp.attempt.errText, secret, "write %s attempts row", id)
+				for _, e := range resp.attempt.batches {
+					require.NotContains(t, e.errText, secret, "write %s batch row", id)
+				}
+			}
+		})
+	}
+}

@@ -27,6 +27,8 @@ type Config struct {
 	LogFormat string `yaml:"log_format"`
 	// Dispatch tunes how pending changes become jobs.
 	Dispatch DispatchConfig `yaml:"dispatch"`
+	// Retention says how long finished changes and audit rows are kept.
+	Retention RetentionConfig `yaml:"retention"`
 	// Targets are the remote endpoints, by name (the changes.target value).
 	Targets map[string]*TargetConfig `yaml:"targets"`
 }
@@ -98,6 +100,8 @@ type TargetConfig struct {
 	// Alert says when the target's conflict rate is too high: the status
 	// page draws the threshold on the conflict-rate chart.
 	Alert AlertConfig `yaml:"alert"`
+	// Retention overrides the global retention for this target's rows.
+	Retention TargetRetention `yaml:"retention"`
 	// BatchWrite, if set, sends writes as OData 4.01 JSON batches: the
 	// writes of up to MaxRequests resources in one POST (batch.go). Unset:
 	// one request per write.
@@ -298,6 +302,9 @@ func (c *Config) validate(getenv func(string) string) error {
 	if d.ShutdownGrace.D() < 0 {
 		bad("dispatch.shutdown_grace", "must not be negative")
 	}
+	for _, e := range c.Retention.validate() {
+		bad("retention."+e.key, "%s", e.msg)
+	}
 	if len(c.Targets) == 0 {
 		bad("targets", "at least one target is required")
 	}
@@ -439,7 +446,7 @@ func (t *TargetConfig) validate(getenv func(string) string) []keyError {
 	if t.BatchWrite != nil {
 		t.BatchWrite.validate(bad)
 	}
-	return errs
+	return append(errs, t.Retention.validate()...)
 }
 
 // validHeaderValue allows visible characters, spaces and tabs (RFC 9110

@@ -24,6 +24,8 @@ import (
 // exactly one HTTP request per call and reports it as an attempt; deciding
 // what to do next is the worker's job.
 type remote struct {
+	// bodies bounds the response bytes read at once by the whole process.
+	bodies  *bodyBudget
 	t       *TargetConfig
 	client  *http.Client
 	gate    *gate
@@ -34,7 +36,7 @@ type remote struct {
 }
 
 func newRemote(t *TargetConfig, client *http.Client, m *Metrics) *remote {
-	r := &remote{t: t, client: client, gate: newGate(t), metrics: m}
+	r := &remote{bodies: processBodies, t: t, client: client, gate: newGate(t), metrics: m}
 	if t.BatchWrite != nil {
 		r.batch = newBatcher(r)
 	}
@@ -248,20 +250,30 @@ func (r *remote) send(ctx context.Context, req request) response {
 		return r.failed(req, start, scrubURLError(err), wrote.Load())
 	}
 	defer hresp.Body.Close()
-	raw, err := io.ReadAll(io.LimitReader(hresp.Body, maxResponseBody))
+	raw, truncated, release, err := r.bodies.read(rctx, hresp.Body, hresp.ContentLength, maxResponseBody)
+	// The reservation covers reading and decoding; what is kept afterwards
+	// is bounded per request (decoded values, capped snapshots).
+	defer release()
 	if err != nil {
 		// The status arrived, so the remote acted on the request; only the
 		// body is missing. Go on without it.
 		raw = nil
 	}
+	// A remote may echo the request's credential (a gateway's error page,
+	// a debug body): it goes no further than here.
+	raw = r.t.redactBytes(raw)
 	resp := response{status: hresp.StatusCode, etag: hresp.Header.Get("ETag"), rawBody: raw, req: req}
 	var note string
-	if len(raw) > 0 && raw[0] == '{' {
+	switch {
+	case truncated:
+		// Only a prefix was read: not JSON, and not worth decoding.
+		note = fmt.Sprintf("response body over the %d MiB stagesync reads: ignored", maxResponseBody>>20)
+	case len(raw) > 0 && raw[0] == '{':
 		if m, err := decodeObject(raw); err == nil {
 			resp.body = m
 		}
 	}
-	if len(raw) > maxSnapshotBytes && hresp.StatusCode < 300 {
+	if !truncated && len(raw) > maxSnapshotBytes && hresp.StatusCode < 300 {
 		note = fmt.Sprintf("response body of %d bytes is over the %d KiB stagesync keeps as a merge base: not stored", len(raw), maxSnapshotBytes>>10)
 	}
 	resp.retryAfter = parseRetryAfter(hresp.Header.Get("Retry-After"), start)
