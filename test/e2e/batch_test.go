@@ -548,3 +548,41 @@ func TestBatch413HalvesTheBatchSize(t *testing.T) {
 	require.LessOrEqual(t, n, 10, "largest batch after the size was halved: got %d; want at most 10", n)
 	h.requireBatchAuditMatchesRemote()
 }
+
+// A batch POST whose connection is reset may have reached the remote: each
+// of its writes is in doubt (an unknown attempts row, never a success) and
+// is resolved by sending the same request again; every change ends
+// applied and no resource is written twice.
+func TestBatchLostPostLeavesItsWritesInDoubt(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, remotesim.Options{BatchWrites: true, BatchResetRate: 0.4, Seed: 11})
+	ids := resourceIDs("reset", 60)
+	base := map[string]any{"status": "open"}
+	h.seed(ids, base)
+	h.startProcessor(configYAML(nil, batchTarget(20, map[string]string{"max_attempts": "30"})))
+	var cs []change
+	for i, id := range ids {
+		cs = append(cs, change{resource: id, fields: map[string]any{"status": fmt.Sprintf("s%d", i)}})
+	}
+	h.insert(cs...)
+	h.waitDrained(90 * time.Second)
+
+	require.Equal(t, map[string]int{"applied": len(ids)}, h.statusCounts())
+	h.requireRemote(expected(base, ids, cs))
+	h.requireWrittenOnce(ids)
+	resets := 0
+	for _, r := range h.sim.Requests() {
+		if isBatchPost(r) && r.Fault == "reset" {
+			resets++
+		}
+	}
+	require.Positive(t, resets, "batch POSTs reset: got 0; want some")
+	n := h.count(`SELECT count(*) FROM stagesync.batch_requests WHERE outcome = 'unknown' AND status_code IS NULL`)
+	require.Equal(t, resets, n, "batch_requests rows without an answer: got %d; want one per reset POST (%d)", n, resets)
+	n = h.count(`SELECT count(*) FROM stagesync.attempts a JOIN stagesync.batch_requests b ON b.id = a.batch_id
+		WHERE b.outcome = 'unknown' AND a.outcome <> 'unknown'`)
+	require.Zero(t, n, "writes of reset POSTs recorded with a known outcome: got %d; want 0", n)
+	n = h.count(`SELECT count(*) FROM stagesync.resources WHERE in_doubt IS NOT NULL`)
+	require.Zero(t, n, "resources still in doubt: got %d; want 0", n)
+	h.requireBatchAuditMatchesRemote()
+}
