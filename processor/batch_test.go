@@ -502,3 +502,22 @@ func TestBatcherRedactsTheCredentialInAnswers(t *testing.T) {
 		})
 	}
 }
+
+// A 413 for a batch holding a single write is that write's answer: the
+// remote refuses it as too large, so its change is rejected (with the
+// reason), not retried forever.
+func TestBatcher413ForOneWriteRejectsIt(t *testing.T) {
+	t.Parallel()
+	bs := newBatchServer(t)
+	bs.answer = func(_ int, _ []odataRequest, w http.ResponseWriter) bool {
+		http.Error(w, "request entity too large", http.StatusRequestEntityTooLarge)
+		return true
+	}
+	r := batchRemote(t, bs, 50)
+	resps := writeAll(t, r, 1)
+	resp := resps["r00"]
+	require.Equal(t, http.StatusRequestEntityTooLarge, resp.status)
+	require.Equal(t, outcomeFatal, resp.attempt.outcome)
+	require.Contains(t, resp.err.Error(), "refuses even a batch holding only this write as too large")
+	require.Equal(t, []int{1}, bs.sizes())
+}
