@@ -22,6 +22,7 @@ type Metrics struct {
 	pauses         *prometheus.CounterVec
 	refused        *prometheus.CounterVec
 	rescued        prometheus.Counter
+	batch          batchMetrics // batch.go
 
 	// Read from the database by the monitor (monitor.go), so every
 	// process reports the same values.
@@ -106,6 +107,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			m.inflightLimit, m.rateShare, m.pauses, m.refused, m.rescued,
 			m.conflictRatio, m.conflictRequests, m.conflictThreshold, m.paused)
 	}
+	m.batch = newBatchMetrics(reg)
 	return m
 }
 

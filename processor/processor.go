@@ -111,6 +111,7 @@ func New(cfg *Config, opts Options) (*Processor, error) {
 	for name, t := range cfg.Targets {
 		r := newRemote(t, hc, p.metrics)
 		r.gate.attach(opts.Logger, p.metrics, p.pauses.add)
+		r.attachBatch(opts.Logger, opts.Pool)
 		p.remotes[name] = r
 		queues[QueueName(name)] = river.QueueConfig{MaxWorkers: t.Workers}
 	}

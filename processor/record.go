@@ -8,11 +8,11 @@ import (
 	"maps"
 	"net/http"
 	"strings"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/rivertype"
 
 	"github.com/stagesync/stagesync/db"
@@ -68,14 +68,16 @@ func (p *Processor) recordRuns(ctx context.Context, conn *pgxpool.Conn, t *Targe
 		merges    []db.MergesInsertParams
 		resources = db.ResourcesUpsertParams{Target: t.Name}
 		changes   db.ChangesRecordParams
-		retries   []river.InsertManyParams
+		retries   []scheduledRetry
 		outboxIDs []int64
+		sent      [][]attemptRecord
 		finished  = map[string]int{}
 	)
 	for _, rr := range runs {
 		for _, at := range rr.attempts {
 			attempts = append(attempts, attemptParams(t.Name, jobID, at))
 		}
+		sent = append(sent, rr.attempts)
 		outboxIDs = append(outboxIDs, rr.outboxIDs...)
 		for _, m := range rr.merges {
 			mp, err := mergeParams(t.Name, rr.id, m)
@@ -104,16 +106,20 @@ func (p *Processor) recordRuns(ctx context.Context, conn *pgxpool.Conn, t *Targe
 			}
 		}
 		if !rr.retryAt.IsZero() {
-			retries = append(retries, river.InsertManyParams{
-				Args:       ApplyArgs{Target: t.Name, ResourceIDs: []string{rr.id}},
-				InsertOpts: &river.InsertOpts{Queue: QueueName(t.Name), ScheduledAt: rr.retryAt},
-			})
+			retries = append(retries, scheduledRetry{resourceID: rr.id, at: rr.retryAt})
 		}
 	}
+	jobs := retryJobs(t, retries, time.Now())
+	envs := batchEnvelopes(sent...)
 
 	var inserted []*rivertype.JobInsertResult
 	err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 		var err error
+		if len(envs) > 0 {
+			if err := p.q.BatchRequestsInsert(ctx, tx, batchParams(t.Name, envs)); err != nil {
+				return fmt.Errorf("insert batch requests: %w", err)
+			}
+		}
 		if len(attempts) > 0 {
 			if _, err := p.q.AttemptsInsert(ctx, tx, attempts); err != nil {
 				return fmt.Errorf("insert attempts: %w", err)
@@ -139,8 +145,8 @@ func (p *Processor) recordRuns(ctx context.Context, conn *pgxpool.Conn, t *Targe
 				return fmt.Errorf("record change states: %w", err)
 			}
 		}
-		if len(retries) > 0 {
-			if inserted, err = p.client.InsertManyTx(ctx, tx, retries); err != nil {
+		if len(jobs) > 0 {
+			if inserted, err = p.client.InsertManyTx(ctx, tx, jobs); err != nil {
 				return fmt.Errorf("schedule retries: %w", err)
 			}
 		}
@@ -156,7 +162,7 @@ func (p *Processor) recordRuns(ctx context.Context, conn *pgxpool.Conn, t *Targe
 		p.metrics.observeFinished(t.Name, status, n)
 	}
 	if len(retries) > 0 {
-		p.logger.DebugContext(ctx, "retries scheduled", "target", t.Name, "resources", len(retries))
+		p.logger.DebugContext(ctx, "retries scheduled", "target", t.Name, "resources", len(retries), "jobs", len(jobs))
 	}
 	return nil
 }
@@ -233,7 +239,13 @@ func (p *Processor) recordUnrecordable(ctx context.Context, conn *pgxpool.Conn, 
 	if err != nil {
 		return err
 	}
+	envs := batchEnvelopes(rr.attempts)
 	err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+		if len(envs) > 0 {
+			if err := p.q.BatchRequestsInsert(ctx, tx, batchParams(t.Name, envs)); err != nil {
+				return fmt.Errorf("insert batch requests: %w", err)
+			}
+		}
 		if len(attempts) > 0 {
 			if _, err := p.q.AttemptsInsert(ctx, tx, attempts); err != nil {
 				return fmt.Errorf("insert attempts: %w", err)
@@ -275,10 +287,12 @@ const maxErrorText = 2000
 func attemptParams(target string, jobID int64, a attemptRecord) db.AttemptsInsertParams {
 	ifMatch, _ := storedETag(a.ifMatch)
 	respETag, _ := storedETag(a.responseETag)
+	ifNoneMatch, _ := storedETag(a.ifNoneMatch)
 	ap := db.AttemptsInsertParams{
 		Target: target, ResourceID: a.resourceID, ChangeIDs: a.changeIDs, Method: a.method, URL: cleanText(a.url, maxErrorText),
-		IfMatch: nonEmpty(cleanText(ifMatch, maxErrorText)), ResponseETag: nonEmpty(cleanText(respETag, maxErrorText)),
-		DurationMs: float64(a.duration.Microseconds()) / 1000, Outcome: a.outcome, Error: nonEmpty(cleanText(a.errText, maxErrorText)),
+		IfMatch: nonEmpty(cleanText(ifMatch, maxErrorText)), IfNoneMatch: nonEmpty(cleanText(ifNoneMatch, maxErrorText)),
+		ResponseETag: nonEmpty(cleanText(respETag, maxErrorText)),
+		DurationMs:   float64(a.duration.Microseconds()) / 1000, Outcome: a.outcome, Error: nonEmpty(cleanText(a.errText, maxErrorText)),
 		JobID: &jobID, CreatedAt: a.at,
 	}
 	if ap.ChangeIDs == nil {
@@ -287,6 +301,9 @@ func attemptParams(target string, jobID int64, a attemptRecord) db.AttemptsInser
 	if a.statusCode != 0 {
 		sc := int32(a.statusCode)
 		ap.StatusCode = &sc
+	}
+	if n := len(a.batches); n > 0 && a.batches[n-1].id != 0 {
+		ap.BatchID = &a.batches[n-1].id
 	}
 	return ap
 }

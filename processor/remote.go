@@ -30,10 +30,17 @@ type remote struct {
 	client  *http.Client
 	gate    *gate
 	metrics *Metrics
+	// batch sends the target's writes in OData JSON batches (batch.go);
+	// nil without batch_write.
+	batch *batcher
 }
 
 func newRemote(t *TargetConfig, client *http.Client, m *Metrics) *remote {
-	return &remote{bodies: processBodies, t: t, client: client, gate: newGate(t), metrics: m}
+	r := &remote{bodies: processBodies, t: t, client: client, gate: newGate(t), metrics: m}
+	if t.BatchWrite != nil {
+		r.batch = newBatcher(r)
+	}
+	return r
 }
 
 // response is one HTTP exchange, success or not.
@@ -68,18 +75,24 @@ type attemptRecord struct {
 	method       string
 	url          string
 	ifMatch      string
+	ifNoneMatch  string
 	statusCode   int
 	responseETag string
 	duration     time.Duration
 	outcome      string
 	errText      string
 	at           time.Time
+	// batches are the batch POSTs the request travelled in, the one that
+	// answered it last (earlier ones were refused as too large); none for
+	// a request sent on its own.
+	batches []*batchRecord
 }
 
 // Attempt outcomes (stagesync.attempts.outcome).
 const (
 	outcomeApplied        = "applied"
 	outcomeFetched        = "fetched"
+	outcomeNotModified    = "not_modified"
 	outcomeConflict       = "conflict"
 	outcomeRetryable      = "retryable"
 	outcomeFatal          = "fatal"
@@ -121,8 +134,12 @@ type request struct {
 	payload []byte
 }
 
-// do sends one request once the target's gate admits it.
+// do sends one request once the target's gate admits it. With batch_write
+// a write goes in a batch instead (batch.go), with the same response.
 func (r *remote) do(ctx context.Context, req request) response {
+	if r.batch != nil && batchable(req) {
+		return r.batch.do(ctx, req)
+	}
 	release, err := r.gate.acquire(ctx)
 	if err != nil {
 		// The target is paused (a *pausedError), or the job is ending
@@ -293,7 +310,7 @@ func (r *remote) attempt(req request, start time.Time, status int, etag, outcome
 	d := time.Since(start)
 	r.metrics.observeRequest(r.t.Name, req.method, status, outcome, d)
 	a := attemptRecord{
-		changeIDs: req.changeIDs, method: req.method, url: req.url, ifMatch: req.ifMatch,
+		changeIDs: req.changeIDs, method: req.method, url: req.url, ifMatch: req.ifMatch, ifNoneMatch: req.ifNoneMatch,
 		statusCode: status, responseETag: etag, duration: d, outcome: outcome, errText: errText, at: start,
 	}
 	if req.resourceID != "" {
@@ -306,6 +323,8 @@ func (r *remote) attempt(req request, start time.Time, status int, etag, outcome
 // classify maps a status to the attempts.outcome vocabulary.
 func (r *remote) classify(method string, status int) string {
 	switch {
+	case status == http.StatusNotModified && method == http.MethodGet:
+		return outcomeNotModified
 	case status >= 200 && status < 300 || status == http.StatusNotModified:
 		if method == http.MethodGet {
 			return outcomeFetched
