@@ -37,6 +37,33 @@ func (q *Queries) RetentionDeleteAttempts(ctx context.Context, db DBTX, arg Rete
 	return result.RowsAffected(), nil
 }
 
+const retentionDeleteBatchRequests = `-- name: RetentionDeleteBatchRequests :execrows
+DELETE FROM stagesync.batch_requests b
+WHERE b.id = ANY (ARRAY(
+    SELECT o.id
+    FROM stagesync.batch_requests o
+    WHERE o.target = $1 AND o.created_at < $2
+    ORDER BY o.created_at
+    LIMIT $3
+))
+`
+
+type RetentionDeleteBatchRequestsParams struct {
+	Target string    `json:"target"`
+	Cutoff time.Time `json:"cutoff"`
+	Max    int32     `json:"max"`
+}
+
+// Deletes up to @max batch POSTs of @target made before @cutoff: audit
+// rows like attempts (whose batch_id names them).
+func (q *Queries) RetentionDeleteBatchRequests(ctx context.Context, db DBTX, arg RetentionDeleteBatchRequestsParams) (int64, error) {
+	result, err := db.Exec(ctx, retentionDeleteBatchRequests, arg.Target, arg.Cutoff, arg.Max)
+	if err != nil {
+		return 0, err
+	}
+	return result.RowsAffected(), nil
+}
+
 const retentionDeleteChanges = `-- name: RetentionDeleteChanges :execrows
 DELETE FROM stagesync.changes c
 WHERE c.id = ANY (ARRAY(

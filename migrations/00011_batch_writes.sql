@@ -38,7 +38,8 @@ CREATE TABLE stagesync.batch_requests (
         outcome IN ('answered', 'too_large', 'failed', 'transport_error', 'unknown'))
 );
 ALTER SEQUENCE stagesync.batch_requests_id_seq OWNED BY stagesync.batch_requests.id;
-CREATE INDEX batch_requests_created_idx ON stagesync.batch_requests (created_at);
+-- Per target and time: retention deletes a target's old rows through it.
+CREATE INDEX batch_requests_target_created_idx ON stagesync.batch_requests (target, created_at);
 GRANT SELECT ON stagesync.batch_requests TO stagesync_reporting;
 
 -- batch_id: the batch POST (stagesync.batch_requests.id) a write travelled

@@ -242,6 +242,9 @@ type retentionCounts struct {
 	Changes  int64 `json:"changes"`
 	Attempts int64 `json:"attempts"`
 	Merges   int64 `json:"merges"`
+	// BatchRequests are batch POSTs (stagesync.batch_requests), audit
+	// rows like attempts.
+	BatchRequests int64 `json:"batch_requests"`
 	// FinishedBefore and AuditBefore are the cutoffs; absent when off.
 	FinishedBefore *time.Time `json:"finished_before,omitempty"`
 	AuditBefore    *time.Time `json:"audit_before,omitempty"`
@@ -257,7 +260,7 @@ type retentionReport struct {
 func (r *retentionReport) total() int64 {
 	var n int64
 	for _, c := range r.Targets {
-		n += c.Changes + c.Attempts + c.Merges
+		n += c.Changes + c.Attempts + c.Merges + c.BatchRequests
 	}
 	return n
 }
@@ -294,6 +297,9 @@ func (p *Processor) cleanup(ctx context.Context, now, deadline time.Time) (*rete
 				}},
 				{audit, &c.Merges, &c.AuditBefore, func(ctx context.Context, cutoff time.Time) (int64, error) {
 					return p.q.RetentionDeleteMerges(ctx, p.pool, db.RetentionDeleteMergesParams{Target: name, Cutoff: cutoff, Max: batch})
+				}},
+				{audit, &c.BatchRequests, &c.AuditBefore, func(ctx context.Context, cutoff time.Time) (int64, error) {
+					return p.q.RetentionDeleteBatchRequests(ctx, p.pool, db.RetentionDeleteBatchRequestsParams{Target: name, Cutoff: cutoff, Max: batch})
 				}},
 			}
 			for _, s := range steps {

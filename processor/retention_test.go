@@ -176,6 +176,17 @@ func (w retentionWorld) merge(t *testing.T, target string, ago time.Duration) in
 	return id
 }
 
+// batchRequest inserts a batch POST made ago before now and returns its id.
+func (w retentionWorld) batchRequest(t *testing.T, target string, ago time.Duration) int64 {
+	t.Helper()
+	var id int64
+	require.NoError(t, w.pool.QueryRow(t.Context(), `INSERT INTO stagesync.batch_requests
+		(id, target, url, items, status_code, duration_ms, outcome, created_at)
+		VALUES (nextval('stagesync.batch_requests_id_seq'), $1, 'http://127.0.0.1:1/$batch', 2, 200, 3, 'answered', $2) RETURNING id`,
+		target, w.now.Add(-ago)).Scan(&id))
+	return id
+}
+
 func (w retentionWorld) ids(t *testing.T, table string) map[int64]bool {
 	t.Helper()
 	rows, err := w.pool.Query(t.Context(), "SELECT id FROM stagesync."+table)
@@ -223,12 +234,15 @@ func TestRetentionDeletesOnlyRowsOutsideTheirWindow(t *testing.T) {
 		if win[1] == 0 {
 			add("attempts", target, w.attempt(t, target, 400*day), true)
 			add("merges", target, w.merge(t, target, 400*day), true)
+			add("batch_requests", target, w.batchRequest(t, target, 400*day), true)
 			continue
 		}
 		add("attempts", target, w.attempt(t, target, win[1]+time.Minute), false)
 		add("attempts", target, w.attempt(t, target, win[1]-time.Minute), true)
 		add("merges", target, w.merge(t, target, win[1]+time.Minute), false)
 		add("merges", target, w.merge(t, target, win[1]-time.Minute), true)
+		add("batch_requests", target, w.batchRequest(t, target, win[1]+time.Minute), false)
+		add("batch_requests", target, w.batchRequest(t, target, win[1]-time.Minute), true)
 	}
 	_, err := w.pool.Exec(t.Context(), `INSERT INTO stagesync.resources (target, resource_id, etag, updated_at)
 		VALUES ('territory', 'r1', '"v1"', '2001-01-01')`)
@@ -239,7 +253,7 @@ func TestRetentionDeletesOnlyRowsOutsideTheirWindow(t *testing.T) {
 	require.False(t, rep.More)
 
 	kept := map[string]map[int64]bool{}
-	for _, table := range []string{"changes", "attempts", "merges"} {
+	for _, table := range []string{"changes", "attempts", "merges", "batch_requests"} {
 		kept[table] = w.ids(t, table)
 	}
 	wantDeleted := map[string]*retentionCounts{}
@@ -252,7 +266,7 @@ func TestRetentionDeletesOnlyRowsOutsideTheirWindow(t *testing.T) {
 			wantDeleted[r.target] = c
 		}
 		if !r.wantKept {
-			*map[string]*int64{"changes": &c.Changes, "attempts": &c.Attempts, "merges": &c.Merges}[r.table]++
+			*map[string]*int64{"changes": &c.Changes, "attempts": &c.Attempts, "merges": &c.Merges, "batch_requests": &c.BatchRequests}[r.table]++
 		}
 	}
 	require.Equal(t, 1, countOf(t, w.pool, "SELECT count(*) FROM stagesync.resources"), "resources are state, never deleted")
@@ -270,15 +284,15 @@ func TestRetentionDeletesOnlyRowsOutsideTheirWindow(t *testing.T) {
 	for target, want := range wantDeleted {
 		g := got.Targets[target]
 		require.NotNil(t, g, "report of %s", target)
-		require.Equal(t, [3]int64{want.Changes, want.Attempts, want.Merges}, [3]int64{g.Changes, g.Attempts, g.Merges},
-			"deleted changes, attempts, merges of %s", target)
-		total += want.Changes + want.Attempts + want.Merges
+		require.Equal(t, [4]int64{want.Changes, want.Attempts, want.Merges, want.BatchRequests}, [4]int64{g.Changes, g.Attempts, g.Merges, g.BatchRequests},
+			"deleted changes, attempts, merges, batch requests of %s", target)
+		total += want.Changes + want.Attempts + want.Merges + want.BatchRequests
 		win := windows[target]
 		requireCutoff(t, g.FinishedBefore, win[0], w.now, target+" finished_before")
 		requireCutoff(t, g.AuditBefore, win[1], w.now, target+" audit_before")
 	}
 	require.Equal(t, int(total), affected)
-	require.Equal(t, 21, affected, "5+1+1 per target with both periods, 5 for billing's changes, 2 for ledger's audit")
+	require.Equal(t, 24, affected, "5+1+1+1 per target with both periods, 5 for billing's changes, 3 for ledger's audit")
 }
 
 func requireCutoff(t *testing.T, got *time.Time, keep time.Duration, now time.Time, what string) {

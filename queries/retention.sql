@@ -50,6 +50,18 @@ WHERE m.id = ANY (ARRAY(
     LIMIT @max
 ));
 
+-- name: RetentionDeleteBatchRequests :execrows
+-- Deletes up to @max batch POSTs of @target made before @cutoff: audit
+-- rows like attempts (whose batch_id names them).
+DELETE FROM stagesync.batch_requests b
+WHERE b.id = ANY (ARRAY(
+    SELECT o.id
+    FROM stagesync.batch_requests o
+    WHERE o.target = @target AND o.created_at < @cutoff
+    ORDER BY o.created_at
+    LIMIT @max
+));
+
 -- name: RetentionRecord :exec
 -- One row per cleanup run: the actor is the processor's login.
 INSERT INTO stagesync.admin_actions (action, params, affected)
