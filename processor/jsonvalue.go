@@ -210,8 +210,14 @@ func escapeBytes(s string) string {
 func cleanText(s string, max int) string {
 	s = strings.ToValidUTF8(s, "\uFFFD")
 	s = strings.Map(func(r rune) rune {
-		if unicode.IsControl(r) {
+		switch {
+		case unicode.IsControl(r):
 			return ' '
+		case unicode.Is(unicode.Bidi_Control, r):
+			// Bidi overrides (U+202E and kin) would reorder what an
+			// operator reads around them: a remote's text must read as
+			// it is stored.
+			return -1
 		}
 		return r
 	}, s)

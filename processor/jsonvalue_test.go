@@ -127,3 +127,11 @@ func TestStorableSnapshotLeavesOutWhatJSONBCannotHold(t *testing.T) {
 	require.Equal(t, map[string]any{"owner": "a"}, out)
 	require.Nil(t, covers, "nothing left out: still the whole representation")
 }
+
+// A remote's text cannot reorder what an operator reads: bidi controls
+// (an override that shows "gnp.exe" as "exe.png") are dropped.
+func TestCleanTextDropsBidiControls(t *testing.T) {
+	t.Parallel()
+	got := cleanText("invoice \u202egnp.exe\u202c and \u2066isolated\u2069 \u200fmark", 1000)
+	require.Equal(t, "invoice gnp.exe and isolated mark", got)
+}
