@@ -355,11 +355,11 @@ func (t *TargetConfig) validate(getenv func(string) string) []keyError {
 			bad("auth.header", "is not a valid header name")
 		}
 	}
-	defaultInt(&t.Concurrency, 8)
+	defaultInt(&t.Concurrency, 128)
 	if t.Concurrency < 1 || t.Concurrency > 1024 {
 		bad("concurrency", "must be between 1 and 1024")
 	}
-	defaultInt(&t.Workers, 4)
+	defaultInt(&t.Workers, 8)
 	if t.Workers < 1 || t.Workers > 256 {
 		bad("workers", "must be between 1 and 256")
 	}

@@ -78,7 +78,8 @@ func (w *applyWorker) Timeout(job *river.Job[ApplyArgs]) time.Duration {
 }
 
 // Work serializes on the resources with advisory locks, applies their open
-// changes and records everything in one transaction per round. When its
+// changes and records each resource as it finishes (group committed with
+// the others finishing meanwhile: one transaction per flush). When its
 // last attempt fails (an error or a panic), River gives the job up: its
 // resources' processing changes end dead with the error rather than wait
 // for a job that will never come.
@@ -206,8 +207,11 @@ func (w *applyWorker) work(ctx context.Context, job *river.Job[ApplyArgs]) error
 	}
 
 	// Requests are made durable through this connection, the session that
-	// holds the locks: one whose session ended can send nothing.
-	a := &applier{t: t, r: p.remotes[t.Name], now: time.Now, outbox: newOutbox(conn), jobID: job.ID}
+	// holds the locks: one whose session ended can send nothing. The
+	// outbox and the recorder share it, one statement at a time.
+	sc := &sessionConn{conn: conn}
+	a := &applier{t: t, r: p.remotes[t.Name], now: time.Now, outbox: newOutbox(sc), jobID: job.ID}
+	rec := &recorder{p: p, sc: sc, t: t, jobID: job.ID}
 	todo := locked
 	for round := 0; len(todo) > 0; round++ {
 		if round == maxRounds || ctx.Err() != nil {
@@ -227,17 +231,19 @@ func (w *applyWorker) work(ctx context.Context, job *river.Job[ApplyArgs]) error
 		// doubt (loadRuns found its outbox row): such a resource gets no
 		// batch lookup, whose fresh ETag would hide that write.
 		p.prefetchETags(ctx, a, runs)
+		// Each resource is recorded soon after it is done, with the others
+		// finishing meanwhile (see recorder), so a change's terminal state
+		// does not wait for the slowest resource of the job.
+		rec.start(len(runs))
 		var wg sync.WaitGroup
 		for _, rr := range runs {
-			wg.Go(func() { a.run(ctx, rr) })
+			wg.Go(func() {
+				a.run(ctx, rr)
+				rec.add(ctx, rr)
+			})
 		}
 		wg.Wait()
-		// The remote has answered: record it even if the job is being
-		// cancelled, or a retry would repeat requests already made.
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
-		err = p.record(rctx, conn, t, job.ID, runs)
-		cancel()
-		if err != nil {
+		if err := rec.failed(); err != nil {
 			p.metrics.observeJob(t.Name, "error")
 			return err
 		}

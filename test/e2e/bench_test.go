@@ -1,10 +1,14 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
+	"math"
+	"slices"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/require"
 
 	"github.com/stagesync/stagesync/test/remotesim"
@@ -46,14 +50,29 @@ func BenchmarkThroughput(b *testing.B) {
 	}
 }
 
-// BenchmarkSeedWorkload is SPEC §8's seed workload: 500 territory changes
-// against a remote with 20 ms latency; the bar is under one second.
+// BenchmarkSeedWorkload is SPEC §8's seed workload with the default
+// settings (SPEC §8.1): 500 territory changes, one per account, against a
+// remote with 20 ms latency; the bar is under 0.5 s. It also reports
+// insert → terminal latency per change (p50, p99, max): resources are
+// recorded as they finish, so p50 sits well below the maximum.
 func BenchmarkSeedWorkload(b *testing.B) {
 	const n = 500
 	h := newHarness(b, remotesim.Options{Latency: 20 * time.Millisecond, RequestLogSize: -1})
-	h.startProcessor(configYAML(nil, map[string]string{"batch_size": "100", "workers": "8", "concurrency": "64"}))
+	h.startProcessor(defaultsConfig)
+	b.Logf("settings: defaults")
+	// A processor runs long before a workload arrives: a few changes first
+	// open its database connections (a fresh backend reads its catalog on
+	// first use), without growing the in-flight limit.
+	warm := resourceIDs("warm", 8)
+	h.seed(warm, map[string]any{"owner": "seed"})
+	for _, id := range warm {
+		h.insert(change{resource: id, fields: map[string]any{"owner": "warm"}})
+	}
+	h.waitDrained(time.Minute)
+	warmRequests := h.sim.Stats().Requests
 	iter := 0
 	var total time.Duration
+	var lat []float64
 	for b.Loop() {
 		b.StopTimer()
 		ids := resourceIDs(fmt.Sprintf("assign%d", iter), n)
@@ -65,12 +84,40 @@ func BenchmarkSeedWorkload(b *testing.B) {
 		iter++
 		b.StartTimer()
 		start := time.Now()
-		h.insert(cs...)
+		changeIDs := h.insert(cs...)
 		h.waitDrained(5 * time.Minute)
 		total += time.Since(start)
+		b.StopTimer()
+		lat = append(lat, h.latencies(changeIDs)...)
+		b.StartTimer()
 	}
 	b.ReportMetric(total.Seconds()/float64(iter), "s/workload")
-	b.ReportMetric(float64(h.sim.Stats().Requests)/float64(n*iter), "requests/change")
+	b.ReportMetric(float64(h.sim.Stats().Requests-warmRequests)/float64(n*iter), "requests/change")
+	slices.Sort(lat)
+	b.ReportMetric(percentile(lat, 0.5)*1000, "p50-ms")
+	b.ReportMetric(percentile(lat, 0.99)*1000, "p99-ms")
+	b.ReportMetric(lat[len(lat)-1]*1000, "max-ms")
+}
+
+// latencies returns finished_at - created_at of the changes, in seconds.
+func (h *harness) latencies(ids []int64) []float64 {
+	h.t.Helper()
+	rows, err := h.pool.Query(context.Background(), `
+		SELECT extract(epoch FROM finished_at - created_at)::float8
+		FROM stagesync.changes WHERE id = ANY ($1::bigint[]) AND finished_at IS NOT NULL`, ids)
+	require.NoError(h.t, err)
+	out, err := pgx.CollectRows(rows, pgx.RowTo[float64])
+	require.NoError(h.t, err)
+	return out
+}
+
+// percentile of sorted values (nearest rank).
+func percentile(sorted []float64, q float64) float64 {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(math.Ceil(q*float64(len(sorted)))) - 1
+	return sorted[max(0, min(i, len(sorted)-1))]
 }
 
 // BenchmarkIdleLatency is SPEC §8's latency bar: on an idle processor,
