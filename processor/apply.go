@@ -332,6 +332,9 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 		if a.outOfAttempts(rr, seg) {
 			return a.retryLater(rr, seg, resp)
 		}
+		if a.canRewriteUnread(rr, fields, st, resp) {
+			return a.rewriteUnread(ctx, rr, seg, st, fields, resp)
+		}
 		cur := a.fetch(ctx, rr, seg)
 		if a.refusesOwnETag(rr, seg, st.etag, cur) {
 			return true
@@ -341,6 +344,65 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 		return a.failure(rr, seg, resp)
 	}
 }
+
+// canRewriteUnread reports whether a conflict can be answered by writing
+// the same fields again at once with the ETag the conflict answer carried,
+// without a GET: every field to write has policy ours (whatever the remote
+// holds, the merge writes ours), the write is a PATCH (it touches only our
+// fields, so a person's edit of any other field stays), the resource is
+// not in doubt (an in-doubt write is judged by reading the remote), and the
+// answer named an ETag other than the one just refused.
+func (a *applier) canRewriteUnread(rr *resourceRun, fields map[string]any, st resourceState, conflict response) bool {
+	if a.t.UpdateMethod != http.MethodPatch || rr.inDoubt != nil || conflict.etag == "" || conflict.etag == st.etag {
+		return false
+	}
+	for f := range fields {
+		if a.t.policy(f) != PolicyOurs {
+			return false
+		}
+	}
+	return true
+}
+
+// rewriteUnread writes fields again with the ETag of the conflict answer,
+// recording a merges row without theirs (decisions took_ours_unread). The
+// old snapshot is no longer a base (someone changed the resource), so the
+// new one is the answer's body if it shows the written values, else
+// unknown. If the rewrite conflicts too (the ETag was not current after
+// all, or someone edited again), the resource is read and merged as usual.
+func (a *applier) rewriteUnread(ctx context.Context, rr *resourceRun, seg []openChange, st resourceState, fields map[string]any, conflict response) bool {
+	decisions := make(map[string]Decision, len(fields))
+	for f := range fields {
+		decisions[f] = TookOursUnread
+	}
+	rr.merges = append(rr.merges, mergeRecord{
+		changeIDs: changeIDs(seg), base: st.snapshot, ours: fields,
+		result: fields, decisions: decisions, outcome: statusMerged, at: a.now(),
+	})
+	a.r.metrics.observeMerge(a.t.Name, statusMerged)
+	fresh := resourceState{etag: conflict.etag}
+	resp := a.write(ctx, rr, seg, fresh, fields, nil)
+	switch {
+	case resp.status >= 200 && resp.status < 300:
+		a.succeed(rr, seg, resp, fresh, fields, nil, nil)
+		rr.finishDetail(seg, statusMerged, "", resp.etag, unreadDetail)
+		return true
+	case a.t.isConflict(resp.status):
+		if a.outOfAttempts(rr, seg) {
+			return a.retryLater(rr, seg, resp)
+		}
+		cur := a.fetch(ctx, rr, seg)
+		if a.refusesOwnETag(rr, seg, fresh.etag, cur) {
+			return true
+		}
+		return a.mergeAndWrite(ctx, rr, seg, st.base(), cur, nil)
+	default:
+		return a.failure(rr, seg, resp)
+	}
+}
+
+// unreadDetail is the outcome_detail of a change written by rewriteUnread.
+const unreadDetail = "written again at once after a conflict, with the ETag the conflict answer carried: every field it sets has policy ours, so the remote's values (not read) could not change what to write; a PATCH leaves the remote's other fields as they are"
 
 // create sends PUT with If-None-Match: *. If the resource already exists
 // (someone else made it), its current state is merged like a conflict
