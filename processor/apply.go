@@ -298,7 +298,7 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 		rr.finishDetail(seg, statusNoop, "", "", fmt.Sprintf("nothing sent: the stored state of the remote (ETag %s) already shows these values", cleanText(st.etag, 100)))
 		return true
 	}
-	if st.etag == "" || st.deleted || (a.t.UpdateMethod == http.MethodPut && st.snapshot == nil) {
+	if a.fetchFirst(st) {
 		cur := a.fetch(ctx, rr, seg)
 		switch {
 		case cur.status == http.StatusNotFound:
@@ -343,6 +343,13 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 	default:
 		return a.failure(rr, seg, resp)
 	}
+}
+
+// fetchFirst reports whether an update must GET the resource before
+// writing: no ETag is stored, the resource was seen deleted, or a PUT has
+// no document to apply the fields to.
+func (a *applier) fetchFirst(st resourceState) bool {
+	return st.etag == "" || st.deleted || (a.t.UpdateMethod == http.MethodPut && st.snapshot == nil)
 }
 
 // canRewriteUnread reports whether a conflict can be answered by writing
@@ -413,10 +420,7 @@ func (a *applier) create(ctx context.Context, rr *resourceRun, seg []openChange)
 		return a.mergeAndWrite(ctx, rr, seg, v.base, v.cur, v.doubt)
 	}
 	fields := fold(seg)
-	resp := a.do(ctx, request{
-		method: http.MethodPut, resourceID: rr.id, url: a.r.itemURL(rr.id), changeIDs: changeIDs(seg),
-		ifNoneMatch: "*", body: fields, idemKey: true,
-	})
+	resp := a.do(ctx, a.createRequest(rr, seg, fields))
 	a.count(rr, seg, resp, nil)
 	switch {
 	case resp.status >= 200 && resp.status < 300:
@@ -435,6 +439,14 @@ func (a *applier) create(ctx context.Context, rr *resourceRun, seg []openChange)
 	}
 }
 
+// createRequest is the PUT with If-None-Match: * that creates the resource.
+func (a *applier) createRequest(rr *resourceRun, seg []openChange, fields map[string]any) request {
+	return request{
+		method: http.MethodPut, resourceID: rr.id, url: a.r.itemURL(rr.id), changeIDs: changeIDs(seg),
+		ifNoneMatch: "*", body: fields, idemKey: true,
+	}
+}
+
 // delete sends DELETE with the stored ETag. A resource already gone is a
 // noop. If the remote changed it since, the target's default policy
 // decides: manual leaves it for a person, otherwise the delete is retried
@@ -444,7 +456,7 @@ func (a *applier) delete(ctx context.Context, rr *resourceRun, seg []openChange)
 	// delete: it is sent with the fresh ETag.
 	rr.verify = nil
 	st := rr.state
-	if st.etag == "" || st.deleted || st.missing {
+	if deleteFetchFirst(st) {
 		cur, settled, verdict := a.fetchForDelete(ctx, rr, seg)
 		if settled {
 			return verdict
@@ -453,13 +465,7 @@ func (a *applier) delete(ctx context.Context, rr *resourceRun, seg []openChange)
 		rr.setState(st)
 	}
 	for round := 0; ; round++ {
-		// No Idempotency-Key: with one, Go's transport would resend a
-		// bodiless DELETE on its own after a failed connection, and its
-		// If-Match already makes a second copy harmless and visible.
-		resp := a.do(ctx, request{
-			method: http.MethodDelete, resourceID: rr.id, url: a.r.itemURL(rr.id), changeIDs: changeIDs(seg),
-			ifMatch: st.etag,
-		})
+		resp := a.do(ctx, a.deleteRequest(rr, seg, st))
 		a.count(rr, seg, resp, nil)
 		switch {
 		case resp.status >= 200 && resp.status < 300, resp.status == http.StatusNotFound:
@@ -490,6 +496,23 @@ func (a *applier) delete(ctx context.Context, rr *resourceRun, seg []openChange)
 		default:
 			return a.failure(rr, seg, resp)
 		}
+	}
+}
+
+// deleteFetchFirst reports whether a delete must GET the resource first:
+// no ETag is stored, or the stored state says it is gone or missing.
+func deleteFetchFirst(st resourceState) bool {
+	return st.etag == "" || st.deleted || st.missing
+}
+
+// deleteRequest is the DELETE with the ETag of st. No Idempotency-Key: with
+// one, Go's transport would resend a bodiless DELETE on its own after a
+// failed connection, and its If-Match already makes a second copy harmless
+// and visible.
+func (a *applier) deleteRequest(rr *resourceRun, seg []openChange, st resourceState) request {
+	return request{
+		method: http.MethodDelete, resourceID: rr.id, url: a.r.itemURL(rr.id), changeIDs: changeIDs(seg),
+		ifMatch: st.etag,
 	}
 }
 
@@ -655,16 +678,22 @@ func reviewNeeded(c openChange, m mergeResult) string {
 // against when it is not the stored snapshot (after a merge), kept with
 // the write if its outcome turns out unknown.
 func (a *applier) write(ctx context.Context, rr *resourceRun, live []openChange, st resourceState, fields, base map[string]any) response {
+	resp := a.do(ctx, a.writeRequest(rr, live, st, fields))
+	a.count(rr, live, resp, base)
+	return resp
+}
+
+// writeRequest is the update of fields against st: PATCH with just them,
+// or PUT of st's document with them applied, with st's ETag.
+func (a *applier) writeRequest(rr *resourceRun, live []openChange, st resourceState, fields map[string]any) request {
 	body := fields
 	if a.t.UpdateMethod == http.MethodPut {
 		body = applyFields(st.snapshot, fields)
 	}
-	resp := a.do(ctx, request{
+	return request{
 		method: a.t.UpdateMethod, resourceID: rr.id, url: a.r.itemURL(rr.id), changeIDs: changeIDs(live),
 		ifMatch: st.etag, body: body, idemKey: true,
-	})
-	a.count(rr, live, resp, base)
-	return resp
+	}
 }
 
 // succeed records a successful write. With merge decisions, each change

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net/http"
 	"runtime/debug"
 	"slices"
 	"strings"
@@ -13,7 +14,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river"
 
 	"github.com/stagesync/stagesync/db"
@@ -278,15 +278,21 @@ func (w *applyWorker) work(ctx context.Context, job *river.Job[ApplyArgs]) error
 // loadRuns reads the open changes, stored state and leftover requests of
 // the resources. A change whose fields can't be read ends rejected alone; a
 // snapshot that can't be read is an unknown merge base.
-func (p *Processor) loadRuns(ctx context.Context, conn *pgxpool.Conn, t *TargetConfig, ids []string) ([]*resourceRun, error) {
-	rows, err := p.q.ChangesListOpen(ctx, conn, db.ChangesListOpenParams{Target: t.Name, ResourceIDs: ids, Max: maxChangesPerRound})
+func (p *Processor) loadRuns(ctx context.Context, conn db.DBTX, t *TargetConfig, ids []string) ([]*resourceRun, error) {
+	return loadRuns(ctx, p.q, conn, t, ids)
+}
+
+// loadRuns is Processor.loadRuns for any reader (plan reads in a read-only
+// transaction).
+func loadRuns(ctx context.Context, q *db.Queries, conn db.DBTX, t *TargetConfig, ids []string) ([]*resourceRun, error) {
+	rows, err := q.ChangesListOpen(ctx, conn, db.ChangesListOpenParams{Target: t.Name, ResourceIDs: ids, Max: maxChangesPerRound})
 	if err != nil {
 		return nil, fmt.Errorf("list open changes: %w", err)
 	}
 	if len(rows) == 0 {
 		return nil, nil
 	}
-	stored, err := p.q.ResourcesGet(ctx, conn, db.ResourcesGetParams{Target: t.Name, ResourceIDs: ids})
+	stored, err := q.ResourcesGet(ctx, conn, db.ResourcesGetParams{Target: t.Name, ResourceIDs: ids})
 	if err != nil {
 		return nil, fmt.Errorf("read stored resources: %w", err)
 	}
@@ -322,7 +328,7 @@ func (p *Processor) loadRuns(ctx context.Context, conn *pgxpool.Conn, t *TargetC
 		runIDs[i] = rr.id
 		byRun[rr.id] = rr
 	}
-	left, err := p.q.OutboxLeftovers(ctx, conn, db.OutboxLeftoversParams{Target: t.Name, ResourceIDs: runIDs})
+	left, err := q.OutboxLeftovers(ctx, conn, db.OutboxLeftoversParams{Target: t.Name, ResourceIDs: runIDs})
 	if err != nil {
 		return nil, fmt.Errorf("read leftover requests: %w", err)
 	}
@@ -372,6 +378,15 @@ func storedRun(id string, s db.ResourcesGetRow) *resourceRun {
 	return rr
 }
 
+// batchLookup reports whether the resource's ETag is looked up by the
+// job's batch request before anything is written (see prefetchETags).
+func (a *applier) batchLookup(rr *resourceRun) bool {
+	t := a.t
+	// Ids with a comma can't travel in the comma-separated list.
+	return t.BatchETagPath != "" && t.UpdateMethod == http.MethodPatch &&
+		rr.state.etag == "" && !rr.state.deleted && rr.inDoubt == nil && rr.changes[0].op == "update" && !strings.Contains(rr.id, ",")
+}
+
 // prefetchETags looks up, with one batch request per BatchSize resources,
 // the ETags of resources about to be updated with none stored, with the
 // fields the merge needs as their base. Only PATCH targets benefit: PUT
@@ -379,13 +394,9 @@ func storedRun(id string, s db.ResourcesGetRow) *resourceRun {
 // never looked up: its in-doubt write is resolved first.
 func (p *Processor) prefetchETags(ctx context.Context, a *applier, runs []*resourceRun) {
 	t := a.t
-	if t.BatchETagPath == "" || t.UpdateMethod != "PATCH" {
-		return
-	}
 	var need []*resourceRun
 	for _, rr := range runs {
-		// Ids with a comma can't travel in the comma-separated list.
-		if rr.state.etag == "" && !rr.state.deleted && rr.inDoubt == nil && rr.changes[0].op == "update" && !strings.Contains(rr.id, ",") {
+		if a.batchLookup(rr) {
 			need = append(need, rr)
 		}
 	}
