@@ -48,8 +48,7 @@ func BenchmarkAPIEconomy(b *testing.B) {
 				}
 				iter++
 				b.StartTimer()
-				h.insert(wave...)
-				h.waitDrained(5 * time.Minute)
+				h.waitFinished(h.insert(wave...), 5*time.Minute)
 				b.StopTimer()
 				after := h.sim.Stats()
 				requests += after.Requests - before.Requests
