@@ -62,15 +62,17 @@ type applyWorker struct {
 const sweepEvery = 5 * time.Second
 
 // Timeout allows every resource of the job a few requests' worth of the
-// target's timeout at its concurrency, plus slack for the database, but
-// ends well before RescueAfter. A job that times out records what it did and
+// target's timeout at its share of the concurrency (the workers' jobs share
+// the target's in-flight limit), plus slack for the database, but ends
+// well before RescueAfter. A job that times out records what it did and
 // leaves the rest to a follow-up job.
 func (w *applyWorker) Timeout(job *river.Job[ApplyArgs]) time.Duration {
 	t := w.p.cfg.Targets[job.Args.Target]
 	if t == nil {
 		return time.Minute
 	}
-	waves := (len(job.Args.ResourceIDs) + t.Concurrency - 1) / t.Concurrency
+	share := max(1, t.Concurrency/t.Workers)
+	waves := (len(job.Args.ResourceIDs) + share - 1) / share
 	rescue := w.p.cfg.Dispatch.RescueAfter.D()
 	// Room below RescueAfter for recording after a timeout (up to 30s), so
 	// River never rescues a job that is still finishing.
