@@ -31,7 +31,7 @@ import (
 //     or 503 halves it (not below 1) and ends the fast growth; from then
 //     on it grows by one per aimdWindow without one (AIMD), never above
 //     concurrency. A 5xx or a failed exchange ends the fast growth without
-//     a cut. After idleRestart with nothing in flight it starts again from
+//     a cut, and the limit grows only a whole aimdWindow after the last. After idleRestart with nothing in flight it starts again from
 //     initialLimit, so a burst after a quiet spell is not sent at the old
 //     limit at once. Waiting requests get slots in arrival order.
 //   - This process's share of the target's rate limit: rate_limit divided
@@ -60,9 +60,9 @@ type gate struct {
 	// while requests are in flight).
 	idleSince time.Time
 	// epoch starts the current growth window: the last throttling answer
-	// (or the end of the fast growth). Once the limit is at ssthresh it
-	// grows by one for each whole aimdWindow since then (or since the
-	// pause ended, if later).
+	// or failure (or the end of the fast growth). Once the limit is at
+	// ssthresh it grows by one for each whole aimdWindow since then (or
+	// since the pause ended, if later).
 	epoch time.Time
 	// lastCut is when the limit was last halved. A throttling answer to a
 	// request sent before it does not halve again: the requests in flight
@@ -365,11 +365,9 @@ func (g *gate) release(ctx context.Context, start time.Time, resp response) {
 			g.wakeAllLocked()
 		}
 	case resp.status == 0 || resp.status >= 500 || resp.status == http.StatusRequestTimeout:
-		// The remote struggles: no faster growth (no cut either; only
-		// throttling answers ask for one).
-		if g.limit < g.ssthresh {
-			g.ssthresh, g.epoch = g.limit, now
-		}
+		// The remote struggles: no growth while it does (no cut either;
+		// only throttling answers ask for one).
+		g.ssthresh, g.epoch = min(g.ssthresh, g.limit), now
 	default:
 		g.slowStartLocked(now)
 	}
