@@ -13,7 +13,7 @@ SQLC := $(BIN)/sqlc
 STATICCHECK := $(BIN)/staticcheck
 DBURL = $$(cat $(BIN)/database_url)
 
-.PHONY: all generate build test test-race test-short lint db-up demo bench clean tools chromium
+.PHONY: all generate build test test-race test-short lint db-up demo bench clean tools chromium promtool
 
 all: lint test
 
@@ -69,13 +69,23 @@ chromium:
 			echo "chromium: could not install it; the browser test will be skipped" >&2; \
 	fi
 
+# The alerting rules' test runs promtool, from Debian's prometheus package
+# (installed once if missing; where that fails, that one test skips).
+promtool:
+	@if ! command -v promtool >/dev/null; then \
+		echo "promtool: installing it for the alerting rules test (apt-get install -y prometheus)" >&2; \
+		if [ "$$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi; \
+		{ $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } || \
+			echo "promtool: could not install it; the rules test will be skipped" >&2; \
+	fi
+
 # Each test package gets databases cloned from a migrated template, so
 # packages run in parallel and repeated runs don't interfere.
-test: db-up chromium
+test: db-up chromium promtool
 	DATABASE_URL=$(DBURL) $(GO) test -count=1 -timeout 20m ./...
 
 # The same with the race detector (needs cgo, i.e. a C compiler).
-test-race: db-up chromium
+test-race: db-up chromium promtool
 	DATABASE_URL=$(DBURL) $(GO) test -race -count=1 -timeout 30m ./...
 
 test-short: db-up

@@ -16,12 +16,14 @@ type AttemptsInsertParams struct {
 	Method       string    `json:"method"`
 	URL          string    `json:"url"`
 	IfMatch      *string   `json:"if_match"`
+	IfNoneMatch  *string   `json:"if_none_match"`
 	StatusCode   *int32    `json:"status_code"`
 	ResponseETag *string   `json:"response_etag"`
 	DurationMs   float64   `json:"duration_ms"`
 	Outcome      string    `json:"outcome"`
 	Error        *string   `json:"error"`
 	JobID        *int64    `json:"job_id"`
+	BatchID      *int64    `json:"batch_id"`
 	CreatedAt    time.Time `json:"created_at"`
 }
 

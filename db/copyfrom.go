@@ -35,12 +35,14 @@ func (r iteratorForAttemptsInsert) Values() ([]interface{}, error) {
 		r.rows[0].Method,
 		r.rows[0].URL,
 		r.rows[0].IfMatch,
+		r.rows[0].IfNoneMatch,
 		r.rows[0].StatusCode,
 		r.rows[0].ResponseETag,
 		r.rows[0].DurationMs,
 		r.rows[0].Outcome,
 		r.rows[0].Error,
 		r.rows[0].JobID,
+		r.rows[0].BatchID,
 		r.rows[0].CreatedAt,
 	}, nil
 }
@@ -50,7 +52,7 @@ func (r iteratorForAttemptsInsert) Err() error {
 }
 
 func (q *Queries) AttemptsInsert(ctx context.Context, db DBTX, arg []AttemptsInsertParams) (int64, error) {
-	return db.CopyFrom(ctx, []string{"stagesync", "attempts"}, []string{"target", "resource_id", "change_ids", "method", "url", "if_match", "status_code", "response_etag", "duration_ms", "outcome", "error", "job_id", "created_at"}, &iteratorForAttemptsInsert{rows: arg})
+	return db.CopyFrom(ctx, []string{"stagesync", "attempts"}, []string{"target", "resource_id", "change_ids", "method", "url", "if_match", "if_none_match", "status_code", "response_etag", "duration_ms", "outcome", "error", "job_id", "batch_id", "created_at"}, &iteratorForAttemptsInsert{rows: arg})
 }
 
 // iteratorForMergesInsert implements pgx.CopyFromSource.

@@ -34,6 +34,8 @@ type Attempt struct {
 	Error        *string   `json:"error"`
 	JobID        *int64    `json:"job_id"`
 	CreatedAt    time.Time `json:"created_at"`
+	BatchID      *int64    `json:"batch_id"`
+	IfNoneMatch  *string   `json:"if_none_match"`
 }
 
 type Backlog struct {
@@ -108,6 +110,18 @@ type Resource struct {
 	InDoubt        []byte     `json:"in_doubt"`
 	SnapshotFields []string   `json:"snapshot_fields"`
 	ETagRaw        []byte     `json:"etag_raw"`
+}
+
+type StagesyncBatchRequest struct {
+	ID         int64     `json:"id"`
+	Target     string    `json:"target"`
+	URL        string    `json:"url"`
+	Items      int32     `json:"items"`
+	StatusCode *int32    `json:"status_code"`
+	DurationMs float64   `json:"duration_ms"`
+	Outcome    string    `json:"outcome"`
+	Error      *string   `json:"error"`
+	CreatedAt  time.Time `json:"created_at"`
 }
 
 type StagesyncHotResource struct {

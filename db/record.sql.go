@@ -12,22 +12,26 @@ import (
 
 const attemptsInsertMany = `-- name: AttemptsInsertMany :exec
 INSERT INTO stagesync.attempts (target, resource_id, change_ids, method, url, if_match,
-    status_code, response_etag, duration_ms, outcome, error, job_id, created_at)
+    if_none_match, status_code, response_etag, duration_ms, outcome, error, job_id,
+    batch_id, created_at)
 SELECT $1::text, nullif(u.resource_id, ''), u.change_ids::bigint[], u.method, u.url,
-       nullif(u.if_match, ''), nullif(u.status_code, 0), nullif(u.response_etag, ''),
-       u.duration_ms, u.outcome, nullif(u.error, ''), $2::bigint, u.created_at
+       nullif(u.if_match, ''), nullif(u.if_none_match, ''), nullif(u.status_code, 0),
+       nullif(u.response_etag, ''), u.duration_ms, u.outcome, nullif(u.error, ''),
+       $2::bigint, nullif(u.batch_id, 0), u.created_at
 FROM (
     SELECT unnest($3::text[]) AS resource_id,
            unnest($4::text[]) AS change_ids,
            unnest($5::text[]) AS method,
            unnest($6::text[]) AS url,
            unnest($7::text[]) AS if_match,
-           unnest($8::integer[]) AS status_code,
-           unnest($9::text[]) AS response_etag,
-           unnest($10::float8[]) AS duration_ms,
-           unnest($11::text[]) AS outcome,
-           unnest($12::text[]) AS error,
-           unnest($13::timestamptz[]) AS created_at
+           unnest($8::text[]) AS if_none_match,
+           unnest($9::integer[]) AS status_code,
+           unnest($10::text[]) AS response_etag,
+           unnest($11::float8[]) AS duration_ms,
+           unnest($12::text[]) AS outcome,
+           unnest($13::text[]) AS error,
+           unnest($14::bigint[]) AS batch_id,
+           unnest($15::timestamptz[]) AS created_at
 ) AS u
 `
 
@@ -39,11 +43,13 @@ type AttemptsInsertManyParams struct {
 	Methods       []string    `json:"methods"`
 	URLs          []string    `json:"urls"`
 	IfMatches     []string    `json:"if_matches"`
+	IfNoneMatches []string    `json:"if_none_matches"`
 	StatusCodes   []int32     `json:"status_codes"`
 	ResponseETags []string    `json:"response_etags"`
 	DurationsMs   []float64   `json:"durations_ms"`
 	Outcomes      []string    `json:"outcomes"`
 	Errors        []string    `json:"errors"`
+	BatchIDs      []int64     `json:"batch_ids"`
 	CreatedAts    []time.Time `json:"created_ats"`
 }
 
@@ -61,11 +67,13 @@ func (q *Queries) AttemptsInsertMany(ctx context.Context, db DBTX, arg AttemptsI
 		arg.Methods,
 		arg.URLs,
 		arg.IfMatches,
+		arg.IfNoneMatches,
 		arg.StatusCodes,
 		arg.ResponseETags,
 		arg.DurationsMs,
 		arg.Outcomes,
 		arg.Errors,
+		arg.BatchIDs,
 		arg.CreatedAts,
 	)
 	return err

@@ -147,7 +147,8 @@ SELECT stagesync.requeue(
     target => $2::text,
     since => $3::timestamptz,
     until => $4::timestamptz,
-    include_rejected => $5::boolean
+    include_rejected => $5::boolean,
+    everything => $6::boolean
 )::integer AS moved
 `
 
@@ -157,8 +158,10 @@ type RequeueParams struct {
 	Since           *time.Time `json:"since"`
 	Until           *time.Time `json:"until"`
 	IncludeRejected bool       `json:"include_rejected"`
+	Everything      bool       `json:"everything"`
 }
 
+// With no filter, stagesync.requeue refuses unless everything is true.
 func (q *Queries) Requeue(ctx context.Context, db DBTX, arg RequeueParams) (int32, error) {
 	row := db.QueryRow(ctx, requeue,
 		arg.IDs,
@@ -166,6 +169,7 @@ func (q *Queries) Requeue(ctx context.Context, db DBTX, arg RequeueParams) (int3
 		arg.Since,
 		arg.Until,
 		arg.IncludeRejected,
+		arg.Everything,
 	)
 	var moved int32
 	err := row.Scan(&moved)

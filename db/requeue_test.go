@@ -1,6 +1,7 @@
 package db_test
 
 import (
+	"context"
 	"encoding/json"
 	"maps"
 	"slices"
@@ -8,6 +9,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/stretchr/testify/require"
 
 	"github.com/stagesync/stagesync/db"
@@ -70,7 +72,8 @@ func changeStates(t *testing.T, q db.DBTX) map[int64]changeState {
 	return states
 }
 
-const requeueCall = `SELECT stagesync.requeue(ids => $1, target => $2, since => $3, until => $4, include_rejected => $5)`
+const requeueCall = `SELECT stagesync.requeue(ids => $1, target => $2, since => $3, until => $4,
+	include_rejected => $5, everything => $6)`
 
 func TestRequeueFilters(t *testing.T) {
 	t.Parallel()
@@ -85,11 +88,12 @@ func TestRequeueFilters(t *testing.T) {
 		target          *string
 		since, until    *time.Time
 		includeRejected bool
+		everything      bool
 		want            []string
 	}{
-		{name: "no filter moves every dead change", want: []string{"deadA", "deadB", "deadC"}},
+		{name: "everything moves every dead change", everything: true, want: []string{"deadA", "deadB", "deadC"}},
 		{
-			name: "include_rejected also moves rejected changes", includeRejected: true,
+			name: "everything with include_rejected also moves rejected changes", everything: true, includeRejected: true,
 			want: []string{"deadA", "deadB", "deadC", "rejectedA", "rejectedB"},
 		},
 		{
@@ -140,7 +144,7 @@ func TestRequeueFilters(t *testing.T) {
 			}
 			var moved int
 			require.NoError(t, d.Pool.QueryRow(ctx, requeueCall,
-				ids, tt.target, tt.since, tt.until, tt.includeRejected).Scan(&moved))
+				ids, tt.target, tt.since, tt.until, tt.includeRejected, tt.everything).Scan(&moved))
 			require.Equal(t, len(tt.want), moved)
 
 			after := changeStates(t, d.Pool)
@@ -164,10 +168,13 @@ func TestRequeueFilters(t *testing.T) {
 			require.Equal(t, moved, affected)
 
 			// Filters not given are left out of params; include_rejected is
-			// always there.
+			// always there, everything when it is true.
 			var keys map[string]json.RawMessage
 			require.NoError(t, json.Unmarshal(params, &keys))
 			wantKeys := []string{"include_rejected"}
+			if tt.everything {
+				wantKeys = append(wantKeys, "everything")
+			}
 			if ids != nil {
 				wantKeys = append(wantKeys, "ids")
 			}
@@ -208,10 +215,28 @@ func TestRequeueRefusesBadArguments(t *testing.T) {
 	until := requeueBase.Add(2 * time.Hour)
 	tests := []struct {
 		name         string
+		ids          []int64
 		target       *string
 		since, until *time.Time
+		everything   *bool
 		wantMessage  string
 	}{
+		{
+			name:        "no filter",
+			wantMessage: "requeue: no filter given; pass ids, target, since or until, or everything => true to requeue every dead change",
+		},
+		{
+			name: "everything => false and no filter", everything: new(false),
+			wantMessage: "requeue: no filter given; pass ids, target, since or until, or everything => true to requeue every dead change",
+		},
+		{
+			name: "everything with a filter", target: new("territory"), everything: new(true),
+			wantMessage: "requeue: everything => true requeues every dead change; don't combine it with ids, target, since or until",
+		},
+		{
+			name: "everything with ids", ids: []int64{1}, everything: new(true),
+			wantMessage: "requeue: everything => true requeues every dead change; don't combine it with ids, target, since or until",
+		},
 		{
 			name: "an unknown target", target: new("nowhere"),
 			wantMessage: "requeue: unknown target 'nowhere'",
@@ -228,7 +253,7 @@ func TestRequeueRefusesBadArguments(t *testing.T) {
 			requeueFixture(t, d.Pool)
 			before := changeStates(t, d.Pool)
 
-			_, err := d.Pool.Exec(t.Context(), requeueCall, nil, tt.target, tt.since, tt.until, true)
+			_, err := d.Pool.Exec(t.Context(), requeueCall, tt.ids, tt.target, tt.since, tt.until, true, tt.everything)
 			pgErr := requirePgError(t, err, "22023")
 			require.Equal(t, tt.wantMessage, pgErr.Message)
 			require.Equal(t, before, changeStates(t, d.Pool), "a refused requeue must move nothing")
@@ -260,7 +285,7 @@ func TestRequeueConcurrentCallsMoveEachRowOnce(t *testing.T) {
 			require.NoError(t, err)
 			t.Cleanup(func() { _ = tx.Rollback(ctx) })
 			var movedFirst int
-			require.NoError(t, tx.QueryRow(ctx, requeueCall, nil, tt.firstTarget, nil, nil, false).Scan(&movedFirst))
+			require.NoError(t, tx.QueryRow(ctx, requeueCall, nil, tt.firstTarget, nil, nil, false, tt.firstTarget == nil).Scan(&movedFirst))
 			require.Equal(t, tt.wantFirst, movedFirst)
 
 			type result struct {
@@ -270,7 +295,7 @@ func TestRequeueConcurrentCallsMoveEachRowOnce(t *testing.T) {
 			done := make(chan result, 1)
 			go func() {
 				var r result
-				r.err = second.QueryRow(ctx, requeueCall, nil, nil, nil, nil, false).Scan(&r.moved)
+				r.err = second.QueryRow(ctx, requeueCall, nil, nil, nil, nil, false, true).Scan(&r.moved)
 				done <- r
 			}()
 
@@ -303,6 +328,66 @@ func TestRequeueConcurrentCallsMoveEachRowOnce(t *testing.T) {
 			affected, err := pgx.CollectRows(rows, pgx.RowTo[int])
 			require.NoError(t, err)
 			require.Equal(t, []int{tt.wantFirst, tt.wantSecond}, affected)
+		})
+	}
+}
+
+// A requeue that leaves matching changes because they are rejected says so
+// in a NOTICE whose hint names include_rejected (issue 10 §3); one that
+// leaves none, or that includes them, says nothing.
+func TestRequeueNoticesRejectedChangesItLeft(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name            string
+		ids             []string
+		target          *string
+		includeRejected bool
+		everything      bool
+		wantMoved       int
+		wantNotice      string
+	}{
+		{name: "only rejected ids", ids: []string{"rejectedA"}, wantMoved: 0,
+			wantNotice: "requeue: 1 matching change is rejected and was left as it is"},
+		{name: "dead and rejected ids", ids: []string{"deadA", "rejectedA", "applied"}, wantMoved: 1,
+			wantNotice: "requeue: 1 matching change is rejected and was left as it is"},
+		{name: "a target", target: new("billing"), wantMoved: 1,
+			wantNotice: "requeue: 1 matching change is rejected and was left as it is"},
+		{name: "everything", everything: true, wantMoved: 3,
+			wantNotice: "requeue: 2 matching changes are rejected and were left as they are"},
+		{name: "with include_rejected", ids: []string{"rejectedA"}, includeRejected: true, wantMoved: 1},
+		{name: "no rejected among them", ids: []string{"deadA", "applied"}, wantMoved: 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			d := newTestDB(t)
+			ctx := t.Context()
+			fixture := requeueFixture(t, d.Pool)
+			var ids []int64
+			for _, name := range tt.ids {
+				ids = append(ids, fixture[name])
+			}
+
+			cfg, err := pgx.ParseConfig(d.URL)
+			require.NoError(t, err)
+			var notices []*pgconn.Notice
+			cfg.OnNotice = func(_ *pgconn.PgConn, n *pgconn.Notice) { notices = append(notices, n) }
+			c, err := pgx.ConnectConfig(ctx, cfg)
+			require.NoError(t, err)
+			t.Cleanup(func() { c.Close(context.Background()) })
+
+			var moved int
+			require.NoError(t, c.QueryRow(ctx, requeueCall, ids, tt.target, nil, nil, tt.includeRejected, tt.everything).Scan(&moved))
+			require.Equal(t, tt.wantMoved, moved)
+			if tt.wantNotice == "" {
+				require.Empty(t, notices)
+				return
+			}
+			require.Len(t, notices, 1)
+			require.Equal(t, "NOTICE", notices[0].Severity)
+			require.Equal(t, tt.wantNotice, notices[0].Message)
+			require.Equal(t, "Add include_rejected => true to requeue rejected changes too (stagesync requeue --include-rejected).",
+				notices[0].Hint)
 		})
 	}
 }

@@ -1,6 +1,7 @@
 package db_test
 
 import (
+	"context"
 	"fmt"
 	"testing"
 	"time"
@@ -96,7 +97,9 @@ func TestUpstreamRole(t *testing.T) {
 		require.NoError(t, c.QueryRow(ctx, `INSERT INTO stagesync.changes (target, resource_id, op, fields, idempotency_key)
 			VALUES ('territory', 'u1', 'update', '{"name": "b"}', 'u-1') RETURNING id, source, status`).
 			Scan(&id, &source, &status))
-		require.Equal(t, role, source, "source must default to current_user")
+		var login string
+		require.NoError(t, c.QueryRow(ctx, "SELECT session_user").Scan(&login))
+		require.Equal(t, login, source, "source must default to the login (session_user), not the role")
 		require.Equal(t, "pending", status)
 
 		var resourceID string
@@ -124,7 +127,7 @@ func TestUpstreamRole(t *testing.T) {
 		ctx := t.Context()
 		c := d.conn(t, role)
 		var others, dead int
-		require.NoError(t, c.QueryRow(ctx, `SELECT count(*) FILTER (WHERE source <> current_user),
+		require.NoError(t, c.QueryRow(ctx, `SELECT count(*) FILTER (WHERE source <> session_user),
 			count(*) FILTER (WHERE id = $1) FROM stagesync.changes`, deadID).Scan(&others, &dead))
 		require.Equal(t, 0, others)
 		require.Equal(t, 0, dead, "the owner's change from source crm must be invisible")
@@ -134,7 +137,10 @@ func TestUpstreamRole(t *testing.T) {
 		t.Parallel()
 		requireRefused(t, d, role, []refusal{
 			{"an insert as another source", `INSERT INTO stagesync.changes (target, resource_id, fields, source)
-				VALUES ('territory', 'u3', '{"a": 1}', 'crm')`, `new row violates row-level security policy for table "changes"`},
+				VALUES ('territory', 'u3', '{"a": 1}', 'crm')`, `source must be your login "postgres" (or left out); got "crm"`},
+			{"an insert as the role's name", `INSERT INTO stagesync.changes (target, resource_id, fields, source)
+				VALUES ('territory', 'u3', '{"a": 1}', 'stagesync_upstream')`,
+				`source must be your login "postgres" (or left out); got "stagesync_upstream"`},
 			{"an insert setting status", `INSERT INTO stagesync.changes (target, resource_id, fields, status, finished_at)
 				VALUES ('territory', 'u3', '{"a": 1}', 'applied', now())`, "permission denied for table changes"},
 			{"an insert setting attempts", `INSERT INTO stagesync.changes (target, resource_id, fields, attempts)
@@ -153,7 +159,10 @@ func TestUpstreamRole(t *testing.T) {
 			{"reading dead_letters", "SELECT * FROM stagesync.dead_letters", "permission denied for view dead_letters"},
 			{"calling change_history", fmt.Sprintf("SELECT * FROM stagesync.change_history(%d)", deadID),
 				"permission denied for function change_history"},
-			{"calling requeue", "SELECT stagesync.requeue()", "permission denied for function requeue"},
+			{"calling requeue", "SELECT stagesync.requeue(ids => ARRAY[1::bigint])", "permission denied for function requeue"},
+			{"calling river_queue_depth", "SELECT * FROM stagesync.river_queue_depth()", "permission denied for function river_queue_depth"},
+			{"calling reset_orphaned_changes", "SELECT stagesync.reset_orphaned_changes('2000-01-01')",
+				"permission denied for function reset_orphaned_changes"},
 			{"reading targets", "SELECT * FROM stagesync.targets", "permission denied for table targets"},
 			{"inserting a target", `INSERT INTO stagesync.targets (name, base_url, item_path)
 				VALUES ('rogue', 'http://x', '/{id}')`, "permission denied for table targets"},
@@ -203,7 +212,7 @@ func TestAdminRole(t *testing.T) {
 			require.NoError(t, err)
 
 			var moved int
-			require.NoError(t, c.QueryRow(ctx, "SELECT stagesync.requeue(include_rejected => true)").Scan(&moved))
+			require.NoError(t, c.QueryRow(ctx, "SELECT stagesync.requeue(everything => true, include_rejected => true)").Scan(&moved))
 			require.Equal(t, 1, moved)
 
 			var status string
@@ -282,9 +291,15 @@ func testReader(t *testing.T, role string) {
 
 	t.Run("is refused", func(t *testing.T) {
 		t.Parallel()
-		refusals := writeRefusals(deadID)
+		refusals := append(writeRefusals(deadID),
+			refusal{"calling reset_orphaned_changes", "SELECT stagesync.reset_orphaned_changes('2000-01-01')",
+				"permission denied for function reset_orphaned_changes"},
+			refusal{"calling changes_explain_source", "SELECT stagesync.changes_explain_source('x')",
+				"permission denied for function changes_explain_source"},
+			refusal{"calling changes_explain_refusal", "SELECT stagesync.changes_explain_refusal(c) FROM stagesync.changes c",
+				"permission denied for function changes_explain_refusal"})
 		if role == "stagesync_reporting" {
-			refusals = append(refusals, refusal{"calling requeue", "SELECT stagesync.requeue()",
+			refusals = append(refusals, refusal{"calling requeue", "SELECT stagesync.requeue(everything => true)",
 				"permission denied for function requeue"})
 		}
 		requireRefused(t, d, role, refusals)
@@ -308,4 +323,111 @@ func TestFunctionsAreNotPublic(t *testing.T) {
 	public, err := pgx.CollectRows(rows, pgx.RowTo[string])
 	require.NoError(t, err)
 	require.Empty(t, public, "functions PUBLIC may execute")
+}
+
+// newRole creates a cluster-wide role for one test, named prefix plus a
+// random suffix (roles outlive databases and tests run in parallel), with
+// the given options (e.g. "LOGIN IN ROLE stagesync_upstream"). When the test
+// ends it drops what the role owns or was granted in d, then the role.
+func newRole(t *testing.T, d testDB, prefix, options string) string {
+	t.Helper()
+	var suffix string
+	require.NoError(t, d.Pool.QueryRow(t.Context(), "SELECT md5(random()::text)").Scan(&suffix))
+	name := prefix + "_" + suffix[:10]
+	_, err := d.Pool.Exec(t.Context(), "CREATE ROLE "+pgx.Identifier{name}.Sanitize()+" "+options)
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		c, err := pgx.Connect(ctx, d.URL)
+		if err != nil {
+			t.Errorf("connect to drop role %s: %v", name, err)
+			return
+		}
+		defer c.Close(ctx)
+		ident := pgx.Identifier{name}.Sanitize()
+		if _, err := c.Exec(ctx, "DROP OWNED BY "+ident); err != nil {
+			t.Errorf("drop what role %s owns: %v", name, err)
+		}
+		if _, err := c.Exec(ctx, "DROP ROLE "+ident); err != nil {
+			t.Errorf("drop role %s: %v", name, err)
+		}
+	})
+	return name
+}
+
+// loginConn connects to d as login (trust authentication, as on the test
+// server) and, with setRole, runs SET ROLE setRole. It is closed before
+// the roles are dropped.
+func loginConn(t *testing.T, d testDB, login, setRole string) *pgx.Conn {
+	t.Helper()
+	cfg, err := pgx.ParseConfig(d.URL)
+	require.NoError(t, err)
+	cfg.User = login
+	c, err := pgx.ConnectConfig(t.Context(), cfg)
+	require.NoError(t, err)
+	t.Cleanup(func() { c.Close(context.Background()) })
+	if setRole != "" {
+		_, err = c.Exec(t.Context(), "SET ROLE "+pgx.Identifier{setRole}.Sanitize())
+		require.NoError(t, err)
+	}
+	return c
+}
+
+// Two upstream logins share the group role stagesync_upstream. Whether they
+// act through membership or SET ROLE stagesync_upstream, each writes its
+// own login as source, has its own idempotency namespace and sees only its
+// own rows (issue 8 §4).
+func TestUpstreamLoginsAreSeparate(t *testing.T) {
+	t.Parallel()
+	for _, setRole := range []string{"", "stagesync_upstream"} {
+		name := "as members"
+		if setRole != "" {
+			name = "after set role " + setRole
+		}
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			d := newTestDB(t)
+			ctx := t.Context()
+			insertChange(t, d.Pool, change{Source: "crm", ResourceID: "owner-row"})
+			logins := []string{
+				newRole(t, d, "stagesync_test_crm_eu", "LOGIN IN ROLE stagesync_upstream"),
+				newRole(t, d, "stagesync_test_crm_us", "LOGIN IN ROLE stagesync_upstream"),
+			}
+			const insert = `INSERT INTO stagesync.changes (target, resource_id, fields, idempotency_key)
+				VALUES ('territory', $1, '{"status": "active"}', 'batch-1/1') ON CONFLICT DO NOTHING RETURNING source`
+			conns := make([]*pgx.Conn, len(logins))
+			for i, login := range logins {
+				conns[i] = loginConn(t, d, login, setRole)
+				var source string
+				require.NoError(t, conns[i].QueryRow(ctx, insert, "from-"+login).Scan(&source),
+					"the same idempotency key from another login must insert")
+				require.Equal(t, login, source)
+			}
+
+			// A retry by the first login inserts nothing: its own key.
+			err := conns[0].QueryRow(ctx, insert, "retry").Scan(new(string))
+			require.ErrorIs(t, err, pgx.ErrNoRows, "got a second row for the same login and key; want none")
+
+			for i, login := range logins {
+				rows, err := conns[i].Query(ctx, "SELECT source, resource_id FROM stagesync.changes ORDER BY id")
+				require.NoError(t, err)
+				got, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) ([2]string, error) {
+					var v [2]string
+					return v, r.Scan(&v[0], &v[1])
+				})
+				require.NoError(t, err)
+				require.Equal(t, [][2]string{{login, "from-" + login}}, got, "rows %s sees", login)
+			}
+
+			// Forging the other login's source is refused, naming both.
+			_, err = conns[0].Exec(ctx, `INSERT INTO stagesync.changes (target, resource_id, fields, source)
+				VALUES ('territory', 'forged', '{"a": 1}', $1)`, logins[1])
+			pgErr := requirePgError(t, err, "42501")
+			require.Equal(t, "changes_upstream_insert", pgErr.ConstraintName)
+			require.Equal(t, fmt.Sprintf("source must be your login %q (or left out); got %q", logins[0], logins[1]),
+				pgErr.Message)
+			require.Equal(t, 3, countRows(t, d.Pool, "stagesync.changes"))
+		})
+	}
 }

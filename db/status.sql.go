@@ -260,6 +260,47 @@ func (q *Queries) StatusProcesses(ctx context.Context, db DBTX) ([]StatusProcess
 	return items, nil
 }
 
+const statusTableSizes = `-- name: StatusTableSizes :many
+SELECT c.relname::text AS table_name,
+       pg_total_relation_size(c.oid)::bigint AS bytes,
+       greatest(c.reltuples, -1)::bigint AS estimated_rows
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE (n.nspname = 'stagesync' AND c.relkind IN ('r', 'p'))
+   OR c.oid = to_regclass('river_job')
+ORDER BY pg_total_relation_size(c.oid) DESC, c.relname
+`
+
+type StatusTableSizesRow struct {
+	TableName     string `json:"table_name"`
+	Bytes         int64  `json:"bytes"`
+	EstimatedRows int64  `json:"estimated_rows"`
+}
+
+// The tables that grow with traffic and what they hold: size on disk with
+// indexes and TOAST, and the planner's row estimate (-1 before the first
+// ANALYZE). Read from the catalog, so it costs nothing however large they
+// are. River's job table is found the way River finds it.
+func (q *Queries) StatusTableSizes(ctx context.Context, db DBTX) ([]StatusTableSizesRow, error) {
+	rows, err := db.Query(ctx, statusTableSizes)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []StatusTableSizesRow{}
+	for rows.Next() {
+		var i StatusTableSizesRow
+		if err := rows.Scan(&i.TableName, &i.Bytes, &i.EstimatedRows); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
+}
+
 const statusTargetAlerts = `-- name: StatusTargetAlerts :many
 SELECT name AS target, coalesce((settings #>> '{alert,conflict_rate}')::float8, 0)::float8 AS conflict_rate
 FROM stagesync.targets

@@ -19,7 +19,9 @@
 CREATE FUNCTION stagesync.resource_history(target text, resource_id text)
 RETURNS TABLE (at timestamptz, event text, change_ids bigint[], method text, url text,
                status_code integer, outcome text, detail jsonb)
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
     WITH ids AS (
         SELECT unnest(a.change_ids) AS id
         FROM stagesync.attempts a
@@ -92,7 +94,9 @@ CREATE FUNCTION stagesync.hot_resources_since(since timestamptz, max_rows intege
 RETURNS TABLE (target text, resource_id text, requests bigint, conflicts bigint,
                conflict_rate float8, merges bigint, needs_review bigint,
                last_conflict_at timestamptz, changed_fields text[])
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
     WITH c AS (
         SELECT a.target, a.resource_id, count(*) AS conflicts, max(a.created_at) AS last_conflict_at
         FROM stagesync.attempts a

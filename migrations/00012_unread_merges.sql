@@ -12,7 +12,9 @@ CREATE OR REPLACE FUNCTION stagesync.hot_resources_since(since timestamptz, max_
 RETURNS TABLE (target text, resource_id text, requests bigint, conflicts bigint,
                conflict_rate float8, merges bigint, needs_review bigint,
                last_conflict_at timestamptz, changed_fields text[])
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
     WITH c AS (
         SELECT a.target, a.resource_id, count(*) AS conflicts, max(a.created_at) AS last_conflict_at
         FROM stagesync.attempts a
@@ -67,7 +69,9 @@ CREATE OR REPLACE FUNCTION stagesync.hot_resources_since(since timestamptz, max_
 RETURNS TABLE (target text, resource_id text, requests bigint, conflicts bigint,
                conflict_rate float8, merges bigint, needs_review bigint,
                last_conflict_at timestamptz, changed_fields text[])
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
     WITH c AS (
         SELECT a.target, a.resource_id, count(*) AS conflicts, max(a.created_at) AS last_conflict_at
         FROM stagesync.attempts a

@@ -182,6 +182,9 @@ func (a *applier) do(ctx context.Context, req request) response {
 // first segment that has to wait for a retry: later changes must not
 // overtake it.
 func (a *applier) run(ctx context.Context, rr *resourceRun) {
+	// The target's batcher counts the goroutines that may still write.
+	a.r.batch.enter()
+	defer a.r.batch.leave()
 	live := a.live(rr)
 	if rr.inDoubt != nil {
 		var ok bool
@@ -870,9 +873,16 @@ func backoff(base, ceiling time.Duration, attempt int) time.Duration {
 }
 
 // fetch GETs the resource, counting a failed GET as an attempt so that an
-// unreachable remote exhausts the budget like failed writes do.
+// unreachable remote exhausts the budget like failed writes do. When the
+// whole representation is stored, the GET is conditional (If-None-Match:
+// the stored ETag), and a 304 comes back as the stored representation.
 func (a *applier) fetch(ctx context.Context, rr *resourceRun, live []openChange) response {
-	resp := a.do(ctx, request{method: http.MethodGet, resourceID: rr.id, url: a.r.itemURL(rr.id), changeIDs: changeIDs(live)})
+	req := request{method: http.MethodGet, resourceID: rr.id, url: a.r.itemURL(rr.id), changeIDs: changeIDs(live)}
+	st := rr.state
+	if st.etag != "" && st.snapshot != nil && st.covers == nil && !st.deleted {
+		req.ifNoneMatch = st.etag
+	}
+	resp := a.do(ctx, req)
 	if resp.outboxID != 0 {
 		rr.outboxIDs = append(rr.outboxIDs, resp.outboxID)
 	}
@@ -880,6 +890,9 @@ func (a *applier) fetch(ctx context.Context, rr *resourceRun, live []openChange)
 		return resp
 	}
 	rr.attempts = append(rr.attempts, resp.attempt)
+	if resp.status == http.StatusNotModified && req.ifNoneMatch != "" {
+		resp = notModified(resp, st)
+	}
 	if resp.status != http.StatusOK && resp.status != http.StatusNotFound {
 		for _, c := range live {
 			rr.outcome(c.id).addAttempts++
@@ -905,6 +918,22 @@ func (a *applier) count(rr *resourceRun, live []openChange, resp response, base 
 	if resp.unknown {
 		rr.setDoubt(inDoubtFrom(resp.req, base, resp.attempt.at))
 	}
+}
+
+// notModified is a 304's meaning: the stored representation is the
+// remote's current one (its ETag is the one the 304 names, or the one
+// asked about). After a conflict on that very ETag the remote contradicts
+// itself (a weak ETag compared strongly in If-Match, say):
+// refusesOwnETag then ends the changes with the reason instead of writing
+// again and again.
+func notModified(resp response, st resourceState) response {
+	resp.status = http.StatusOK
+	if resp.etag == "" {
+		resp.etag = st.etag
+	}
+	resp.body = maps.Clone(st.snapshot)
+	resp.rawBody = nil
+	return resp
 }
 
 func (a *applier) stateFrom(resp response) resourceState {

@@ -27,6 +27,8 @@ type Config struct {
 	LogFormat string `yaml:"log_format"`
 	// Dispatch tunes how pending changes become jobs.
 	Dispatch DispatchConfig `yaml:"dispatch"`
+	// Retention says how long finished changes and audit rows are kept.
+	Retention RetentionConfig `yaml:"retention"`
 	// Targets are the remote endpoints, by name (the changes.target value).
 	Targets map[string]*TargetConfig `yaml:"targets"`
 }
@@ -113,6 +115,12 @@ type TargetConfig struct {
 	// Alert says when the target's conflict rate is too high: the status
 	// page draws the threshold on the conflict-rate chart.
 	Alert AlertConfig `yaml:"alert"`
+	// Retention overrides the global retention for this target's rows.
+	Retention TargetRetention `yaml:"retention"`
+	// BatchWrite, if set, sends writes as OData 4.01 JSON batches: the
+	// writes of up to MaxRequests resources in one POST (batch.go). Unset:
+	// one request per write.
+	BatchWrite *BatchWriteConfig `yaml:"batch_write"`
 
 	// authValue is the resolved secret.
 	authValue string
@@ -154,6 +162,31 @@ type AlertConfig struct {
 	// Window is the span the rate is measured over, 1m to 24h. Defaults
 	// to 15m.
 	Window Duration `yaml:"window"`
+}
+
+// BatchWriteConfig is a target's OData 4.01 JSON batch endpoint
+// (batch_write: {path: /$batch, max_requests: 50}). Each write in a batch
+// stands alone (no atomicity groups): its own If-Match, its own answer.
+type BatchWriteConfig struct {
+	// Path is the batch endpoint, under base_url. Defaults to /$batch.
+	Path string `yaml:"path"`
+	// MaxRequests is the most writes in one batch POST, 1 to 1000. A 413
+	// answer halves it for the rest of the process's life. Defaults to 50.
+	MaxRequests int `yaml:"max_requests"`
+}
+
+// validate applies the defaults and reports bad values by key.
+func (b *BatchWriteConfig) validate(bad func(key, msg string, args ...any)) {
+	if b.Path == "" {
+		b.Path = "/$batch"
+	}
+	if !strings.HasPrefix(b.Path, "/") || strings.ContainsAny(b.Path, "?#") {
+		bad("batch_write.path", "must be a path starting with / and without a query, like /$batch; got %q", b.Path)
+	}
+	defaultInt(&b.MaxRequests, 50)
+	if b.MaxRequests < 1 || b.MaxRequests > 1000 {
+		bad("batch_write.max_requests", "must be between 1 and 1000, got %d", b.MaxRequests)
+	}
 }
 
 // Duration is a time.Duration written as "10s" in YAML.
@@ -283,6 +316,9 @@ func (c *Config) validate(getenv func(string) string) error {
 	}
 	if d.ShutdownGrace.D() < 0 {
 		bad("dispatch.shutdown_grace", "must not be negative")
+	}
+	for _, e := range c.Retention.validate() {
+		bad("retention."+e.key, "%s", e.msg)
 	}
 	if len(c.Targets) == 0 {
 		bad("targets", "at least one target is required")
@@ -422,7 +458,10 @@ func (t *TargetConfig) validate(getenv func(string) string) []keyError {
 	if t.Alert.Window.D() < time.Minute || t.Alert.Window.D() > 24*time.Hour {
 		bad("alert.window", "must be between 1m and 24h, got %v", t.Alert.Window.D())
 	}
-	return errs
+	if t.BatchWrite != nil {
+		t.BatchWrite.validate(bad)
+	}
+	return append(errs, t.Retention.validate()...)
 }
 
 // validHeaderValue allows visible characters, spaces and tabs (RFC 9110
@@ -467,6 +506,9 @@ func (t *TargetConfig) Settings() map[string]any {
 	}
 	if t.Auth != nil {
 		s["auth"] = map[string]string{"header": t.Auth.Header, "env": t.Auth.Env}
+	}
+	if t.BatchWrite != nil {
+		s["batch_write"] = map[string]any{"path": t.BatchWrite.Path, "max_requests": t.BatchWrite.MaxRequests}
 	}
 	return s
 }

@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
-	"net/url"
-	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgtype"
@@ -118,21 +116,7 @@ func healthErrorText(resp response, t *TargetConfig) string {
 	if s == "" {
 		s = fmt.Sprintf("status %d", resp.status)
 	}
-	return cleanText(redactSecret(t, s), maxHealthError)
-}
-
-// redactSecret replaces the target's credential in s, as sent and in the
-// encodings an echo may use. Values under 4 bytes are left alone: they
-// would blank out ordinary text, and nobody's credential is that short.
-func redactSecret(t *TargetConfig, s string) string {
-	v := t.authValue
-	if len(v) < 4 {
-		return s
-	}
-	for _, form := range []string{v, url.QueryEscape(v), url.PathEscape(v)} {
-		s = strings.ReplaceAll(s, form, "[redacted]")
-	}
-	return s
+	return cleanText(t.redact(s), maxHealthError)
 }
 
 // healthEvery is how often each process writes its target_health rows and

@@ -22,6 +22,14 @@ type Metrics struct {
 	pauses         *prometheus.CounterVec
 	refused        *prometheus.CounterVec
 	rescued        prometheus.Counter
+	batch          batchMetrics // batch.go
+
+	// Read from the database by the monitor (monitor.go), so every
+	// process reports the same values.
+	conflictRatio     *prometheus.GaugeVec
+	conflictRequests  *prometheus.GaugeVec
+	conflictThreshold *prometheus.GaugeVec
+	paused            *prometheus.GaugeVec
 }
 
 // NewMetrics creates the instruments and registers them with reg (nil: not
@@ -78,10 +86,28 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Name: "stagesync_jobs_rescued_total",
 		Help: "Running jobs of dead processes this process handed back (their process no longer held its liveness lock).",
 	})
+	m.conflictRatio = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "stagesync_conflict_ratio",
+		Help: "Share of the target's requests (every attempts row: writes, GETs after a conflict, batch lookups) answered with a conflict status (409/412) over its alert window (alert.window, default 15m); 0 without requests. Read from the database every 10s: every process reports the same value, aggregate with max.",
+	}, []string{"target"})
+	m.conflictRequests = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "stagesync_conflict_window_requests",
+		Help: "Requests made to the target over its alert window, the denominator of stagesync_conflict_ratio. The alert needs at least 20. Aggregate with max.",
+	}, []string{"target"})
+	m.conflictThreshold = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "stagesync_conflict_ratio_threshold",
+		Help: "The target's conflict-rate alert threshold (alert.conflict_rate, default 0.05), as registered. Aggregate with max.",
+	}, []string{"target"})
+	m.paused = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "stagesync_target_paused",
+		Help: "1 while the target is paused for every process after a 429 or 503 (targets.paused_until), else 0. Read every 10s; aggregate with max.",
+	}, []string{"target"})
 	if reg != nil {
 		reg.MustRegister(m.requests, m.requestSeconds, m.conflicts, m.merges, m.changes, m.claimed, m.jobs,
-			m.inflightLimit, m.rateShare, m.pauses, m.refused, m.rescued)
+			m.inflightLimit, m.rateShare, m.pauses, m.refused, m.rescued,
+			m.conflictRatio, m.conflictRequests, m.conflictThreshold, m.paused)
 	}
+	m.batch = newBatchMetrics(reg)
 	return m
 }
 
@@ -152,4 +178,18 @@ func (m *Metrics) observeRescued(n int) {
 	if m != nil && n > 0 {
 		m.rescued.Add(float64(n))
 	}
+}
+
+func (m *Metrics) setConflictAlert(a ConflictAlert, paused bool) {
+	if m == nil {
+		return
+	}
+	m.conflictRatio.WithLabelValues(a.Target).Set(a.Ratio())
+	m.conflictRequests.WithLabelValues(a.Target).Set(float64(a.Requests))
+	m.conflictThreshold.WithLabelValues(a.Target).Set(a.Threshold)
+	p := 0.0
+	if paused {
+		p = 1
+	}
+	m.paused.WithLabelValues(a.Target).Set(p)
 }

@@ -157,7 +157,11 @@ func (o *outbox) insert(ctx context.Context, target string, group []*intent) err
 		p.URLs = append(p.URLs, r.url)
 		p.IfMatches = append(p.IfMatches, text)
 		p.IfMatchRaws = append(p.IfMatchRaws, raw)
-		p.IfNoneMatches = append(p.IfNoneMatches, r.ifNoneMatch)
+		// A conditional GET's If-None-Match is a stored ETag, whose bytes
+		// may not be UTF-8; its readable form is enough here (a GET is
+		// never sent again from its outbox row).
+		inm, _ := storedETag(r.ifNoneMatch)
+		p.IfNoneMatches = append(p.IfNoneMatches, inm)
 		p.IdempotencyKeys = append(p.IdempotencyKeys, r.key)
 		p.Bodies = append(p.Bodies, body)
 		p.JobIDs = append(p.JobIDs, r.jobID)
@@ -202,7 +206,7 @@ func leftoverFrom(target string, r db.OutboxLeftoversRow) leftover {
 	}
 	lo := leftover{id: r.ID, attempt: attemptRecord{
 		resourceID: r.ResourceID, changeIDs: r.ChangeIDs, method: r.Method, url: r.URL, ifMatch: ifMatch,
-		outcome: outcomeUnknown, at: r.CreatedAt,
+		ifNoneMatch: deref(r.IfNoneMatch), outcome: outcomeUnknown, at: r.CreatedAt,
 		errText: "the answer was never recorded (the process or its database session ended first); the request may have been applied",
 	}}
 	if r.Method != "GET" {

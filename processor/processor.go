@@ -33,6 +33,13 @@ type Options struct {
 	Metrics *Metrics
 	// HTTPClient, if nil, is a keep-alive client shared by all targets.
 	HTTPClient *http.Client
+	// MonitorEvery is how often the targets' conflict rates over their
+	// alert windows are read (stagesync_conflict_ratio, the alert's log
+	// lines). Defaults to 10s.
+	MonitorEvery time.Duration
+	// ProgressEvery is how often a progress line per target is logged
+	// while there is work. Defaults to 30s.
+	ProgressEvery time.Duration
 }
 
 // Processor is one stagesync process's share of the work: a River client
@@ -60,6 +67,8 @@ type Processor struct {
 	// notification said they changed. Buffers of one coalesce them.
 	pausesNow chan struct{}
 	sharesNow chan struct{}
+	// mon is the monitor loop's state (monitor.go).
+	mon *monitor
 }
 
 // New validates the options and builds the River client. Nothing runs
@@ -75,6 +84,7 @@ func New(cfg *Config, opts Options) (*Processor, error) {
 	p.pauses = newPauseShare()
 	p.pausesNow = make(chan struct{}, 1)
 	p.sharesNow = make(chan struct{}, 1)
+	p.mon = newMonitor(opts)
 	if p.metrics == nil {
 		p.metrics = NewMetrics(nil)
 	}
@@ -94,10 +104,14 @@ func New(cfg *Config, opts Options) (*Processor, error) {
 	if err := river.AddWorkerSafely(workers, &dispatchWorker{p: p}); err != nil {
 		return nil, fmt.Errorf("register dispatch worker: %w", err)
 	}
+	if err := river.AddWorkerSafely(workers, &retentionWorker{p: p}); err != nil {
+		return nil, fmt.Errorf("register retention worker: %w", err)
+	}
 	queues := map[string]river.QueueConfig{river.QueueDefault: {MaxWorkers: 2}}
 	for name, t := range cfg.Targets {
 		r := newRemote(t, hc, p.metrics)
 		r.gate.attach(opts.Logger, p.metrics, p.pauses.add)
+		r.attachBatch(opts.Logger, opts.Pool)
 		p.remotes[name] = r
 		queues[QueueName(name)] = river.QueueConfig{MaxWorkers: t.Workers}
 	}
@@ -125,11 +139,11 @@ func New(cfg *Config, opts Options) (*Processor, error) {
 		// beyond RescueAfter, so a live job is not rescued as a dead one.
 		JobTimeout:      cfg.Dispatch.RescueAfter.D(),
 		SoftStopTimeout: cfg.Dispatch.ShutdownGrace.D(),
-		PeriodicJobs: []*river.PeriodicJob{
+		PeriodicJobs: append([]*river.PeriodicJob{
 			river.NewPeriodicJob(river.PeriodicInterval(cfg.Dispatch.PollInterval.D()),
 				func() (river.JobArgs, *river.InsertOpts) { return DispatchArgs{}, nil },
 				&river.PeriodicJobOpts{RunOnStart: true}),
-		},
+		}, retentionPeriodicJobs(cfg)...),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("create river client: %w", err)
@@ -198,6 +212,7 @@ func (p *Processor) Run(ctx context.Context) error {
 	bgWG.Go(func() { p.live.hold(bg) })
 	bgWG.Go(func() { p.publishPauses(bg) })
 	bgWG.Go(func() { p.coordinate(bg) })
+	bgWG.Go(func() { p.runMonitor(bg) })
 	stopCoordination := func() {
 		stopBg()
 		bgWG.Wait()

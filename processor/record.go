@@ -14,7 +14,6 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/riverqueue/river"
 	"github.com/riverqueue/river/rivertype"
 
 	"github.com/stagesync/stagesync/db"
@@ -230,14 +229,16 @@ func (p *Processor) recordRuns(ctx context.Context, conn *pgxpool.Conn, t *Targe
 		merges    []db.MergesInsertParams
 		resources = db.ResourcesUpsertParams{Target: t.Name}
 		changes   db.ChangesRecordParams
-		retries   []river.InsertManyParams
+		retries   []scheduledRetry
 		outboxIDs []int64
+		sent      [][]attemptRecord
 		finished  = map[string]int{}
 	)
 	for _, rr := range runs {
 		for _, at := range rr.attempts {
 			attempts = append(attempts, attemptParams(t.Name, jobID, at))
 		}
+		sent = append(sent, rr.attempts)
 		outboxIDs = append(outboxIDs, rr.outboxIDs...)
 		for _, m := range rr.merges {
 			mp, err := mergeParams(t.Name, rr.id, m)
@@ -266,18 +267,20 @@ func (p *Processor) recordRuns(ctx context.Context, conn *pgxpool.Conn, t *Targe
 			}
 		}
 		if !rr.retryAt.IsZero() {
-			retries = append(retries, river.InsertManyParams{
-				Args:       ApplyArgs{Target: t.Name, ResourceIDs: []string{rr.id}},
-				InsertOpts: &river.InsertOpts{Queue: QueueName(t.Name), ScheduledAt: rr.retryAt},
-			})
+			retries = append(retries, scheduledRetry{resourceID: rr.id, at: rr.retryAt})
 		}
 	}
+	jobs := retryJobs(t, retries, time.Now())
+	envs := batchEnvelopes(sent...)
 
 	// Every statement is queued in one pipelined batch: one round trip.
 	// Sent alone, the batch runs as one implicit transaction; with retry
 	// jobs to schedule, it runs inside an explicit one with River's insert.
 	var pl pipeline
 	var err error
+	if len(envs) > 0 {
+		err = errors.Join(err, p.q.BatchRequestsInsert(ctx, &pl, batchParams(t.Name, envs)))
+	}
 	if len(attempts) > 0 {
 		err = errors.Join(err, p.q.AttemptsInsertMany(ctx, &pl, attemptsMany(t.Name, jobID, attempts)))
 	}
@@ -297,7 +300,7 @@ func (p *Processor) recordRuns(ctx context.Context, conn *pgxpool.Conn, t *Targe
 		return fmt.Errorf("queue the recording of %d resources: %w", len(runs), err)
 	}
 	var inserted []*rivertype.JobInsertResult
-	if len(retries) == 0 {
+	if len(jobs) == 0 {
 		err = pl.send(ctx, conn)
 	} else {
 		err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
@@ -305,7 +308,7 @@ func (p *Processor) recordRuns(ctx context.Context, conn *pgxpool.Conn, t *Targe
 				return err
 			}
 			var err error
-			if inserted, err = p.client.InsertManyTx(ctx, tx, retries); err != nil {
+			if inserted, err = p.client.InsertManyTx(ctx, tx, jobs); err != nil {
 				return fmt.Errorf("schedule retries: %w", err)
 			}
 			return nil
@@ -321,7 +324,7 @@ func (p *Processor) recordRuns(ctx context.Context, conn *pgxpool.Conn, t *Targe
 		p.metrics.observeFinished(t.Name, status, n)
 	}
 	if len(retries) > 0 {
-		p.logger.DebugContext(ctx, "retries scheduled", "target", t.Name, "resources", len(retries))
+		p.logger.DebugContext(ctx, "retries scheduled", "target", t.Name, "resources", len(retries), "jobs", len(jobs))
 	}
 	return nil
 }
@@ -408,21 +411,24 @@ func attemptsMany(target string, jobID int64, rows []db.AttemptsInsertParams) db
 	m := db.AttemptsInsertManyParams{
 		Target: target, JobID: jobID,
 		ResourceIDs: make([]string, n), ChangeIDs: make([]string, n), Methods: make([]string, n),
-		URLs: make([]string, n), IfMatches: make([]string, n), StatusCodes: make([]int32, n),
+		URLs: make([]string, n), IfMatches: make([]string, n), IfNoneMatches: make([]string, n), StatusCodes: make([]int32, n),
 		ResponseETags: make([]string, n), DurationsMs: make([]float64, n), Outcomes: make([]string, n),
-		Errors: make([]string, n), CreatedAts: make([]time.Time, n),
+		Errors: make([]string, n), BatchIDs: make([]int64, n), CreatedAts: make([]time.Time, n),
 	}
 	for i, a := range rows {
 		m.ResourceIDs[i] = deref(a.ResourceID)
 		m.ChangeIDs[i] = int64Array(a.ChangeIDs)
 		m.Methods[i], m.URLs[i] = a.Method, a.URL
-		m.IfMatches[i] = deref(a.IfMatch)
+		m.IfMatches[i], m.IfNoneMatches[i] = deref(a.IfMatch), deref(a.IfNoneMatch)
 		if a.StatusCode != nil {
 			m.StatusCodes[i] = *a.StatusCode
 		}
 		m.ResponseETags[i] = deref(a.ResponseETag)
 		m.DurationsMs[i], m.Outcomes[i] = a.DurationMs, a.Outcome
 		m.Errors[i] = deref(a.Error)
+		if a.BatchID != nil {
+			m.BatchIDs[i] = *a.BatchID
+		}
 		m.CreatedAts[i] = a.CreatedAt
 	}
 	return m
@@ -487,7 +493,13 @@ func (p *Processor) recordUnrecordable(ctx context.Context, conn *pgxpool.Conn, 
 	if err != nil {
 		return err
 	}
+	envs := batchEnvelopes(rr.attempts)
 	err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+		if len(envs) > 0 {
+			if err := p.q.BatchRequestsInsert(ctx, tx, batchParams(t.Name, envs)); err != nil {
+				return fmt.Errorf("insert batch requests: %w", err)
+			}
+		}
 		if len(attempts) > 0 {
 			if _, err := p.q.AttemptsInsert(ctx, tx, attempts); err != nil {
 				return fmt.Errorf("insert attempts: %w", err)
@@ -529,10 +541,12 @@ const maxErrorText = 2000
 func attemptParams(target string, jobID int64, a attemptRecord) db.AttemptsInsertParams {
 	ifMatch, _ := storedETag(a.ifMatch)
 	respETag, _ := storedETag(a.responseETag)
+	ifNoneMatch, _ := storedETag(a.ifNoneMatch)
 	ap := db.AttemptsInsertParams{
 		Target: target, ResourceID: a.resourceID, ChangeIDs: a.changeIDs, Method: a.method, URL: cleanText(a.url, maxErrorText),
-		IfMatch: nonEmpty(cleanText(ifMatch, maxErrorText)), ResponseETag: nonEmpty(cleanText(respETag, maxErrorText)),
-		DurationMs: float64(a.duration.Microseconds()) / 1000, Outcome: a.outcome, Error: nonEmpty(cleanText(a.errText, maxErrorText)),
+		IfMatch: nonEmpty(cleanText(ifMatch, maxErrorText)), IfNoneMatch: nonEmpty(cleanText(ifNoneMatch, maxErrorText)),
+		ResponseETag: nonEmpty(cleanText(respETag, maxErrorText)),
+		DurationMs:   float64(a.duration.Microseconds()) / 1000, Outcome: a.outcome, Error: nonEmpty(cleanText(a.errText, maxErrorText)),
 		JobID: &jobID, CreatedAt: a.at,
 	}
 	if ap.ChangeIDs == nil {
@@ -541,6 +555,9 @@ func attemptParams(target string, jobID int64, a attemptRecord) db.AttemptsInser
 	if a.statusCode != 0 {
 		sc := int32(a.statusCode)
 		ap.StatusCode = &sc
+	}
+	if n := len(a.batches); n > 0 && a.batches[n-1].id != 0 {
+		ap.BatchID = &a.batches[n-1].id
 	}
 	return ap
 }

@@ -24,14 +24,23 @@ import (
 // exactly one HTTP request per call and reports it as an attempt; deciding
 // what to do next is the worker's job.
 type remote struct {
+	// bodies bounds the response bytes read at once by the whole process.
+	bodies  *bodyBudget
 	t       *TargetConfig
 	client  *http.Client
 	gate    *gate
 	metrics *Metrics
+	// batch sends the target's writes in OData JSON batches (batch.go);
+	// nil without batch_write.
+	batch *batcher
 }
 
 func newRemote(t *TargetConfig, client *http.Client, m *Metrics) *remote {
-	return &remote{t: t, client: client, gate: newGate(t), metrics: m}
+	r := &remote{bodies: processBodies, t: t, client: client, gate: newGate(t), metrics: m}
+	if t.BatchWrite != nil {
+		r.batch = newBatcher(r)
+	}
+	return r
 }
 
 // response is one HTTP exchange, success or not.
@@ -66,18 +75,24 @@ type attemptRecord struct {
 	method       string
 	url          string
 	ifMatch      string
+	ifNoneMatch  string
 	statusCode   int
 	responseETag string
 	duration     time.Duration
 	outcome      string
 	errText      string
 	at           time.Time
+	// batches are the batch POSTs the request travelled in, the one that
+	// answered it last (earlier ones were refused as too large); none for
+	// a request sent on its own.
+	batches []*batchRecord
 }
 
 // Attempt outcomes (stagesync.attempts.outcome).
 const (
 	outcomeApplied        = "applied"
 	outcomeFetched        = "fetched"
+	outcomeNotModified    = "not_modified"
 	outcomeConflict       = "conflict"
 	outcomeRetryable      = "retryable"
 	outcomeFatal          = "fatal"
@@ -119,8 +134,12 @@ type request struct {
 	payload []byte
 }
 
-// do sends one request once the target's gate admits it.
+// do sends one request once the target's gate admits it. With batch_write
+// a write goes in a batch instead (batch.go), with the same response.
 func (r *remote) do(ctx context.Context, req request) response {
+	if r.batch != nil && batchable(req) {
+		return r.batch.do(ctx, req)
+	}
 	release, err := r.gate.acquire(ctx)
 	if err != nil {
 		// The target is paused (a *pausedError), or the job is ending
@@ -238,20 +257,30 @@ func (r *remote) send(ctx context.Context, req request) response {
 		return r.failed(req, start, scrubURLError(err), wrote.Load())
 	}
 	defer hresp.Body.Close()
-	raw, err := io.ReadAll(io.LimitReader(hresp.Body, maxResponseBody))
+	raw, truncated, release, err := r.bodies.read(rctx, hresp.Body, hresp.ContentLength, maxResponseBody)
+	// The reservation covers reading and decoding; what is kept afterwards
+	// is bounded per request (decoded values, capped snapshots).
+	defer release()
 	if err != nil {
 		// The status arrived, so the remote acted on the request; only the
 		// body is missing. Go on without it.
 		raw = nil
 	}
+	// A remote may echo the request's credential (a gateway's error page,
+	// a debug body): it goes no further than here.
+	raw = r.t.redactBytes(raw)
 	resp := response{status: hresp.StatusCode, etag: hresp.Header.Get("ETag"), rawBody: raw, req: req}
 	var note string
-	if len(raw) > 0 && raw[0] == '{' {
+	switch {
+	case truncated:
+		// Only a prefix was read: not JSON, and not worth decoding.
+		note = fmt.Sprintf("response body over the %d MiB stagesync reads: ignored", maxResponseBody>>20)
+	case len(raw) > 0 && raw[0] == '{':
 		if m, err := decodeObject(raw); err == nil {
 			resp.body = m
 		}
 	}
-	if len(raw) > maxSnapshotBytes && hresp.StatusCode < 300 {
+	if !truncated && len(raw) > maxSnapshotBytes && hresp.StatusCode < 300 {
 		note = fmt.Sprintf("response body of %d bytes is over the %d KiB stagesync keeps as a merge base: not stored", len(raw), maxSnapshotBytes>>10)
 	}
 	resp.retryAfter = parseRetryAfter(hresp.Header.Get("Retry-After"), start)
@@ -288,7 +317,7 @@ func (r *remote) attempt(req request, start time.Time, status int, etag, outcome
 	d := time.Since(start)
 	r.metrics.observeRequest(r.t.Name, req.method, status, outcome, d)
 	a := attemptRecord{
-		changeIDs: req.changeIDs, method: req.method, url: req.url, ifMatch: req.ifMatch,
+		changeIDs: req.changeIDs, method: req.method, url: req.url, ifMatch: req.ifMatch, ifNoneMatch: req.ifNoneMatch,
 		statusCode: status, responseETag: etag, duration: d, outcome: outcome, errText: errText, at: start,
 	}
 	if req.resourceID != "" {
@@ -301,6 +330,8 @@ func (r *remote) attempt(req request, start time.Time, status int, etag, outcome
 // classify maps a status to the attempts.outcome vocabulary.
 func (r *remote) classify(method string, status int) string {
 	switch {
+	case status == http.StatusNotModified && method == http.MethodGet:
+		return outcomeNotModified
 	case status >= 200 && status < 300 || status == http.StatusNotModified:
 		if method == http.MethodGet {
 			return outcomeFetched

@@ -3,6 +3,7 @@ package processor
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -205,8 +206,8 @@ func (p prober) get(ctx context.Context, u string) probeAnswer {
 // redact removes the credential from text that may echo it (an error body
 // repeating the request's headers).
 func (p prober) redact(err error) error {
-	if p.t.authValue == "" || !strings.Contains(err.Error(), p.t.authValue) {
-		return err
+	if r := p.t.redact(err.Error()); r != err.Error() {
+		return errors.New(r)
 	}
-	return fmt.Errorf("%s", strings.ReplaceAll(err.Error(), p.t.authValue, "[redacted]"))
+	return err
 }

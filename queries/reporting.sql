@@ -20,12 +20,14 @@ GROUP BY target, status
 ORDER BY target, status;
 
 -- name: Requeue :one
+-- With no filter, stagesync.requeue refuses unless everything is true.
 SELECT stagesync.requeue(
     ids => sqlc.narg(ids)::bigint[],
     target => sqlc.narg(target)::text,
     since => sqlc.narg(since)::timestamptz,
     until => sqlc.narg(until)::timestamptz,
-    include_rejected => @include_rejected::boolean
+    include_rejected => @include_rejected::boolean,
+    everything => @everything::boolean
 )::integer AS moved;
 
 -- name: RiverQueueDepth :many

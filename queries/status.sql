@@ -107,3 +107,17 @@ SELECT coalesce(
             WHERE c.target = @target AND c.op <> 'create'
             ORDER BY c.id DESC LIMIT 1),
            '')::text AS resource_id;
+
+-- name: StatusTableSizes :many
+-- The tables that grow with traffic and what they hold: size on disk with
+-- indexes and TOAST, and the planner's row estimate (-1 before the first
+-- ANALYZE). Read from the catalog, so it costs nothing however large they
+-- are. River's job table is found the way River finds it.
+SELECT c.relname::text AS table_name,
+       pg_total_relation_size(c.oid)::bigint AS bytes,
+       greatest(c.reltuples, -1)::bigint AS estimated_rows
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE (n.nspname = 'stagesync' AND c.relkind IN ('r', 'p'))
+   OR c.oid = to_regclass('river_job')
+ORDER BY pg_total_relation_size(c.oid) DESC, c.relname;

@@ -114,6 +114,10 @@ func check(ctx context.Context, o checkOpts) error {
 		for _, p := range processor.ProbeTarget(ctx, o.client, t, id) {
 			add(name, p.Check, p.Status, p.Detail)
 		}
+		if t.BatchWrite != nil {
+			p := processor.ProbeBatchWrite(ctx, o.client, t, id)
+			add(name, p.Check, p.Status, p.Detail)
+		}
 	}
 
 	failed := 0

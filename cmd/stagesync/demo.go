@@ -603,21 +603,17 @@ func writeDemoReport(w io.Writer, r *demoReport) {
 		fmt.Fprintf(w, "\nNothing needs attention.\n")
 	} else {
 		fmt.Fprintf(w, "\nNEEDS ATTENTION (dead: gave up or needs review; rejected: the remote refused the values)\n")
-		ids := make([]string, len(r.deadLetters))
+		ids := make([]int64, len(r.deadLetters))
 		rejected := false
 		for i, d := range r.deadLetters {
-			ids[i] = strconv.FormatInt(d.ID, 10)
+			ids[i] = d.ID
 			rejected = rejected || d.Status == "rejected"
 			fmt.Fprintf(w, "  #%-5d %-8s %-10s %s\n", d.ID, d.Status, oneLine(d.ResourceID, 40), oneLine(deref(d.LastError), 160))
 		}
-		incl, flagIncl := "", ""
-		if rejected {
-			incl, flagIncl = ", include_rejected => true", " --include-rejected"
-		}
 		if r.kept {
 			fmt.Fprintf(w, "\nTo retry them once the cause is fixed (e.g. the region decided in the remote, the value corrected):\n")
-			fmt.Fprintf(w, "  psql '%s' -c 'SELECT stagesync.requeue(ids => ARRAY[%s]%s)'\n", r.shownURL, strings.Join(ids, ", "), incl)
-			fmt.Fprintf(w, "  stagesync requeue --database-url '%s' --id %s%s\n", r.shownURL, strings.Join(ids, ","), flagIncl)
+			fmt.Fprintf(w, "  psql %s -c %s\n", shellQuote(r.shownURL), shellQuote(RequeueSQL(ids, rejected)))
+			fmt.Fprintf(w, "  %s requeue --database-url %s %s\n", self, shellQuote(r.shownURL), RequeueFlags(ids, rejected))
 		}
 	}
 	if r.kept {

@@ -108,7 +108,9 @@ func init() {
 		"requeue": {
 			summary: "move dead (or rejected) changes back to pending",
 			usage:   "requeue [--id N[,N…]]… [--target NAME] [--since T] [--until T] [--include-rejected] [--all]",
-			about:   "Moves dead (and with --include-rejected, rejected) changes back to pending with a fresh attempt budget.",
+			about: "Moves dead (and with --include-rejected, rejected) changes back to pending with a fresh attempt\n" +
+				"budget, via SELECT stagesync.requeue(...); the call is recorded in stagesync.admin_actions. With\n" +
+				"no filter it refuses unless --all is given.",
 			examples: []string{
 				"requeue --id 9921",
 				"requeue --target territory --since 2h",
@@ -129,7 +131,10 @@ func init() {
 		"simulate": {
 			summary: "serve an ETag-enforcing REST API with fault injection (for tests and demos)",
 			usage:   "simulate [--listen 127.0.0.1:8080] [--item-prefix /items] [flags]",
-			about:   "Serves an ETag-enforcing REST API with fault injection, for tests, demos and benchmarks.",
+			about: "Serves an ETag-enforcing REST API of JSON resources at PREFIX/ID (GET, PATCH, PUT, DELETE; PUT with\n" +
+				"If-None-Match: * creates), a batch ETag lookup at GET PREFIX?ids=a,b&fields=id,etag, with --batch an\n" +
+				"OData JSON $batch endpoint, and the inspection endpoints /_sim/state, /_sim/requests, /_sim/stats and\n" +
+				"/_sim/history?id=ID. Rates are drawn from --seed; misbehave flags imitate odd remotes.",
 			examples: []string{
 				"simulate --listen 127.0.0.1:8080 --item-prefix /assignments --seed-resources 200 --other-users-rate 5",
 			},

@@ -94,10 +94,8 @@ func TestHelpGoesToStdoutAndExitsZero(t *testing.T) {
 			for _, e := range c.examples {
 				require.Contains(t, stdout, " "+e+"\n")
 			}
-			if name != "simulate" && name != "requeue" { // their flag sets predate newFlagSet
-				require.Contains(t, stdout, "\nflags:\n")
-				require.Empty(t, stderr)
-			}
+			require.Contains(t, stdout, "\nflags:\n")
+			require.Empty(t, stderr)
 		})
 	}
 	stdout, _, code := runMain(t, nil, "--help")

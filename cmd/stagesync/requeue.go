@@ -3,19 +3,20 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
 	"github.com/stagesync/stagesync/db"
 )
 
 func cmdRequeue(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
-	fs := flag.NewFlagSet("requeue", flag.ContinueOnError)
-	fs.SetOutput(stdout)
+	fs := newFlagSet(ctx, "requeue", stdout)
 	dbURL := fs.String("database-url", "", "PostgreSQL URL (default $DATABASE_URL, else the local server)")
 	var ids idList
 	fs.Var(&ids, "id", "change id to requeue; repeat the flag or give a comma-separated list")
@@ -23,25 +24,19 @@ func cmdRequeue(ctx context.Context, args []string, getenv func(string) string, 
 	since := fs.String("since", "", "only changes finished at or after this time: RFC 3339 (2025-01-31T08:00:00Z), a date (2025-01-31, UTC) or a duration ago (90m)")
 	until := fs.String("until", "", "only changes finished before this time (same forms as --since)")
 	includeRejected := fs.Bool("include-rejected", false, "also requeue rejected changes (by default only dead ones)")
-	all := fs.Bool("all", false, "requeue every dead change (required when no other filter is given)")
-	fs.Usage = func() {
-		fmt.Fprintln(stdout, "usage: stagesync requeue [--id N[,N…]]… [--target NAME] [--since T] [--until T] [--include-rejected] [--all] [--database-url URL]")
-		fmt.Fprintln(stdout, "Moves dead (and with --include-rejected, rejected) changes back to pending with a fresh attempt budget,")
-		fmt.Fprintln(stdout, "via SELECT stagesync.requeue(...); the call is recorded in stagesync.admin_actions.")
-		fs.PrintDefaults()
-	}
-	if err := fs.Parse(args); err != nil {
+	all := fs.Bool("all", false, "requeue every dead change (required when no other filter is given; SQL: everything => true)")
+	rest, err := parseFlags(fs, args)
+	if err != nil {
 		return err
 	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("requeue: unexpected arguments %q", fs.Args())
+	if len(rest) > 0 {
+		return fmt.Errorf("requeue: unexpected arguments %q", rest)
 	}
 	now := time.Now()
-	params := db.RequeueParams{IDs: ids, IncludeRejected: *includeRejected}
+	params := db.RequeueParams{IDs: ids, IncludeRejected: *includeRejected, Everything: *all}
 	if *target != "" {
 		params.Target = target
 	}
-	var err error
 	if params.Since, err = parseTimeFlag("--since", *since, now); err != nil {
 		return err
 	}
@@ -56,12 +51,15 @@ func cmdRequeue(ctx context.Context, args []string, getenv func(string) string, 
 		return errors.New("requeue: --all requeues everything; don't combine it with filters")
 	}
 
-	pool, err := db.NewPool(ctx, databaseURL(*dbURL, getenv), 2)
+	// stagesync.requeue says in a NOTICE when it left matching changes
+	// because they are rejected; the connection collects it.
+	var notices []*pgconn.Notice
+	conn, err := connectCollectingNotices(ctx, databaseURL(*dbURL, getenv), &notices)
 	if err != nil {
-		return err
+		return fmt.Errorf("requeue: %w", err)
 	}
-	defer pool.Close()
-	moved, err := db.New().Requeue(ctx, pool, params)
+	defer conn.Close(context.WithoutCancel(ctx))
+	moved, err := db.New().Requeue(ctx, conn, params)
 	if err != nil {
 		return fmt.Errorf("requeue: %w", err)
 	}
@@ -73,19 +71,79 @@ func cmdRequeue(ctx context.Context, args []string, getenv func(string) string, 
 	if moved == 1 {
 		noun = "change"
 	}
-	_, err = fmt.Fprintf(stdout, "requeue: moved %d %s %s back to pending (%s)\n", moved, states, noun, describeRequeue(params))
-	return err
+	if _, err := fmt.Fprintf(stdout, "requeue: moved %d %s %s back to pending (%s)\n", moved, states, noun, describeRequeue(params)); err != nil {
+		return err
+	}
+	for _, n := range notices {
+		// The function's own hint names its SQL parameter; here the flag.
+		if strings.HasPrefix(n.Message, "requeue: ") && strings.Contains(n.Message, "rejected") {
+			if _, err := fmt.Fprintf(stdout, "%s; add --include-rejected to requeue rejected changes too\n", n.Message); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// connectCollectingNotices opens one connection that appends the server's
+// notices to *notices.
+func connectCollectingNotices(ctx context.Context, url string, notices *[]*pgconn.Notice) (*pgx.Conn, error) {
+	cfg, err := pgx.ParseConfig(url)
+	if err != nil {
+		// pgx's parse errors can echo the URL, password included.
+		return nil, errors.New("parse database URL: invalid connection string (details withheld: may contain a password)")
+	}
+	cfg.OnNotice = func(_ *pgconn.PgConn, n *pgconn.Notice) { *notices = append(*notices, n) }
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("connect to database %s:%d/%s: %w", cfg.Host, cfg.Port, cfg.Database, err)
+	}
+	return conn, nil
+}
+
+// RequeueFlags returns the flags of `stagesync requeue` that requeue the
+// changes with the given ids: --id with the ids, and --include-rejected
+// when any of them is rejected (without it requeue moves only dead
+// changes), e.g. "--id 2,326 --include-rejected".
+func RequeueFlags(ids []int64, anyRejected bool) string {
+	flags := "--id " + joinIDs(ids, ",")
+	if anyRejected {
+		flags += " --include-rejected"
+	}
+	return flags
+}
+
+// RequeueSQL returns the SQL call that requeues the changes with the given
+// ids, e.g. "SELECT stagesync.requeue(ids => ARRAY[2, 326],
+// include_rejected => true)".
+func RequeueSQL(ids []int64, anyRejected bool) string {
+	call := "SELECT stagesync.requeue(ids => ARRAY[" + joinIDs(ids, ", ") + "]"
+	if anyRejected {
+		call += ", include_rejected => true"
+	}
+	return call + ")"
+}
+
+// RequeueHint returns the command that requeues one dead letter, as this
+// binary was run: a dead change needs only its id, a rejected one also
+// --include-rejected.
+func RequeueHint(id int64, status string) string {
+	return self + " requeue " + RequeueFlags([]int64{id}, status == "rejected")
+}
+
+func joinIDs(ids []int64, sep string) string {
+	s := make([]string, len(ids))
+	for i, id := range ids {
+		s[i] = strconv.FormatInt(id, 10)
+	}
+	return strings.Join(s, sep)
 }
 
 // describeRequeue says which filters were applied, for the confirmation.
 func describeRequeue(p db.RequeueParams) string {
 	var parts []string
 	if len(p.IDs) > 0 {
-		s := make([]string, len(p.IDs))
-		for i, id := range p.IDs {
-			s[i] = strconv.FormatInt(id, 10)
-		}
-		parts = append(parts, "ids "+strings.Join(s, ","))
+		parts = append(parts, "ids "+joinIDs(p.IDs, ","))
 	}
 	if p.Target != nil {
 		parts = append(parts, "target "+*p.Target)

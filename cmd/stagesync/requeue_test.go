@@ -37,8 +37,13 @@ func TestRequeueCommandMovesRows(t *testing.T) {
 	require.Regexp(t, `^requeue: moved 1 dead change back to pending \(finished since \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\)\n$`, out)
 	require.Equal(t, "pending/0", status(b1))
 
+	out = requeue("--id", fmt.Sprint(a3))
+	require.Equal(t, fmt.Sprintf("requeue: moved 0 dead changes back to pending (ids %d)\n", a3)+
+		"requeue: 1 matching change is rejected and was left as it is; add --include-rejected to requeue rejected changes too\n", out)
+
 	out = requeue("--id", fmt.Sprint(a1), "--id", fmt.Sprintf("%d,%d", a2, a3))
-	require.Equal(t, fmt.Sprintf("requeue: moved 2 dead changes back to pending (ids %d,%d,%d)\n", a1, a2, a3), out)
+	require.Equal(t, fmt.Sprintf("requeue: moved 2 dead changes back to pending (ids %d,%d,%d)\n", a1, a2, a3)+
+		"requeue: 1 matching change is rejected and was left as it is; add --include-rejected to requeue rejected changes too\n", out)
 	require.Equal(t, "pending/0", status(a1))
 	require.Equal(t, "pending/0", status(a2))
 	require.Equal(t, "rejected/1", status(a3), "rejected stays without --include-rejected")
@@ -51,7 +56,9 @@ func TestRequeueCommandMovesRows(t *testing.T) {
 	out = requeue("--all")
 	require.Equal(t, "requeue: moved 0 dead changes back to pending (all)\n", out)
 
-	require.Equal(t, int64(4), countWhere(t, pool, `SELECT count(*) FROM stagesync.admin_actions WHERE action = 'requeue'`))
+	require.Equal(t, int64(5), countWhere(t, pool, `SELECT count(*) FROM stagesync.admin_actions WHERE action = 'requeue'`))
+	require.Equal(t, int64(1), countWhere(t, pool, `SELECT count(*) FROM stagesync.admin_actions WHERE params @> '{"everything": true}'`),
+		"--all must reach the function as everything => true")
 	require.Equal(t, int64(4), countWhere(t, pool, `SELECT sum(affected) FROM stagesync.admin_actions`))
 }
 
@@ -100,4 +107,25 @@ func TestParseTimeFlag(t *testing.T) {
 	got, err := parseTimeFlag("--since", "", now)
 	require.NoError(t, err)
 	require.Nil(t, got)
+}
+
+func TestRequeueHintsNameTheRightCommand(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name        string
+		ids         []int64
+		anyRejected bool
+		wantFlags   string
+		wantSQL     string
+	}{
+		{"one dead change", []int64{9921}, false, "--id 9921", "SELECT stagesync.requeue(ids => ARRAY[9921])"},
+		{"dead and rejected changes", []int64{2, 326}, true, "--id 2,326 --include-rejected",
+			"SELECT stagesync.requeue(ids => ARRAY[2, 326], include_rejected => true)"},
+	}
+	for _, tt := range tests {
+		require.Equal(t, tt.wantFlags, RequeueFlags(tt.ids, tt.anyRejected), tt.name)
+		require.Equal(t, tt.wantSQL, RequeueSQL(tt.ids, tt.anyRejected), tt.name)
+	}
+	require.Equal(t, "stagesync requeue --id 7", RequeueHint(7, "dead"))
+	require.Equal(t, "stagesync requeue --id 8 --include-rejected", RequeueHint(8, "rejected"))
 }

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -21,7 +20,7 @@ const simulateShutdownTimeout = 5 * time.Second
 // is cancelled, for demos and manual testing. Every setting comes from flags; getenv is
 // accepted for the dispatcher's uniform signature.
 func cmdSimulate(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
-	fs := flag.NewFlagSet("simulate", flag.ContinueOnError)
+	fs := newFlagSet(ctx, "simulate", stdout)
 	listen := fs.String("listen", "127.0.0.1:8080", "address to listen on; port 0 picks a free port")
 	itemPrefix := fs.String("item-prefix", "/items", "path of the collection; items live at PREFIX/ID")
 	conflictStatus := fs.Int("conflict-status", http.StatusPreconditionFailed, "status for a stale If-Match: 409 or 412")
@@ -56,19 +55,12 @@ func cmdSimulate(ctx context.Context, args []string, getenv func(string) string,
 	padBodyBytes := fs.Int64("pad-body-bytes", 0, "misbehave: pad JSON object answers to this many bytes (streamed; at most 1 GiB)")
 	slowBodyRate := fs.Int64("slow-body-rate", 0, "misbehave: send headers at once, then the body at this many bytes per second")
 	misbehaveIDs := fs.String("misbehave-ids", "", "comma-separated resource ids the misbehave flags are limited to; empty means all")
-	fs.Usage = func() {
-		fmt.Fprintln(stdout, "usage: stagesync simulate [--listen ADDR] [--item-prefix /items] [flags]")
-		fmt.Fprintln(stdout, "Serves an ETag-enforcing REST API of JSON resources at PREFIX/ID (GET, PATCH, PUT, DELETE; PUT with")
-		fmt.Fprintln(stdout, "If-None-Match: * creates), a batch ETag lookup at GET PREFIX?ids=a,b&fields=id,etag, with --batch an")
-		fmt.Fprintln(stdout, "OData JSON $batch endpoint, and the inspection endpoints /_sim/state, /_sim/requests, /_sim/stats and")
-		fmt.Fprintln(stdout, "/_sim/history?id=ID. Rates are drawn from --seed; misbehave flags imitate odd remotes.")
-		fs.PrintDefaults()
-	}
-	if err := fs.Parse(args); err != nil {
+	rest, err := parseFlags(fs, args)
+	if err != nil {
 		return err // the flag set has printed the problem and usage; ErrHelp passes through
 	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected arguments: %q", fs.Args())
+	if len(rest) > 0 {
+		return fmt.Errorf("simulate: unexpected arguments %q", rest)
 	}
 
 	if *conflictStatus != http.StatusConflict && *conflictStatus != http.StatusPreconditionFailed {

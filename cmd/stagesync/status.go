@@ -9,6 +9,7 @@ import (
 	"math"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -108,14 +109,28 @@ func writeStatusJSON(w io.Writer, rep *statusReport) error {
 
 // statusReport is what `stagesync status --json` prints.
 type statusReport struct {
-	GeneratedAt  time.Time       `json:"generated_at"`
-	Backlog      []backlogRow    `json:"backlog"`
-	Totals       backlogTotals   `json:"totals"`
-	Health       []targetHealth  `json:"health"`
-	Processes    []processRow    `json:"processes"`
-	LastHour     []lastHourRow   `json:"last_hour"`
-	HotResources []hotResource   `json:"hot_resources"`
-	DeadLetters  []deadLetterRow `json:"dead_letters"`
+	GeneratedAt time.Time      `json:"generated_at"`
+	Backlog     []backlogRow   `json:"backlog"`
+	Totals      backlogTotals  `json:"totals"`
+	Health      []targetHealth `json:"health"`
+	Processes   []processRow   `json:"processes"`
+	LastHour    []lastHourRow  `json:"last_hour"`
+	// ConflictAlerts are the targets' conflict rates over their alert
+	// windows, the figures of stagesync_conflict_ratio.
+	ConflictAlerts []conflictAlertRow `json:"conflict_alerts"`
+	HotResources   []hotResource      `json:"hot_resources"`
+	DeadLetters    []deadLetterRow    `json:"dead_letters"`
+	// Tables are stagesync's tables (and River's job table), largest
+	// first: what retention keeps in check.
+	Tables []tableSize `json:"tables"`
+}
+
+// tableSize is one table's size on disk (indexes and TOAST included) and
+// the planner's row estimate (-1 before the table was first analyzed).
+type tableSize struct {
+	Table         string `json:"table"`
+	Bytes         int64  `json:"bytes"`
+	EstimatedRows int64  `json:"estimated_rows"`
 }
 
 // targetHealth is one registered target's pause (throttling applies to every
@@ -155,6 +170,53 @@ type processRow struct {
 	Targets     []string  `json:"targets"`
 	StartedAt   time.Time `json:"started_at"`
 	HeartbeatAt time.Time `json:"heartbeat_at"`
+}
+
+// conflictAlertRow is one target's conflict rate over its alert window
+// (alert.window) against its threshold (alert.conflict_rate).
+type conflictAlertRow struct {
+	Target string `json:"target"`
+	// ConflictRate is Conflicts over Requests (0 without requests).
+	ConflictRate  float64 `json:"conflict_rate"`
+	Threshold     float64 `json:"threshold"`
+	WindowSeconds float64 `json:"window_seconds"`
+	Requests      int64   `json:"requests"`
+	Conflicts     int64   `json:"conflicts"`
+	// MinRequests is how many requests the window must hold before the
+	// rate counts as above the threshold.
+	MinRequests int64 `json:"min_requests"`
+	// Above is set when the target is above its alert; Summary says it in
+	// words ("conflict rate 7.2% over the last 15m, above the 5% alert").
+	Above   bool   `json:"above"`
+	Summary string `json:"summary"`
+}
+
+func conflictAlertRowOf(a processor.ConflictAlert) conflictAlertRow {
+	r := conflictAlertRow{Target: a.Target, ConflictRate: math.Round(a.Ratio()*10000) / 10000, Threshold: a.Threshold,
+		WindowSeconds: a.Window.Seconds(), Requests: a.Requests, Conflicts: a.Conflicts,
+		MinRequests: processor.ConflictAlertMinRequests, Above: a.Over()}
+	r.Summary = fmt.Sprintf("conflict rate %s over the last %s", formatPercent(a.Ratio()), formatWindow(a.Window))
+	switch {
+	case r.Above:
+		r.Summary += fmt.Sprintf(", above the %s alert", formatTickPercent(a.Threshold))
+	case a.Requests < processor.ConflictAlertMinRequests:
+		r.Summary += fmt.Sprintf("; too few requests (%d of %d) to judge it against the %s alert", a.Requests, processor.ConflictAlertMinRequests, formatTickPercent(a.Threshold))
+	default:
+		r.Summary += fmt.Sprintf(", under the %s alert", formatTickPercent(a.Threshold))
+	}
+	return r
+}
+
+// formatWindow renders an alert window without zero units: 15m, 1h, 1h30m.
+func formatWindow(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = strings.TrimSuffix(s, "0s")
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = strings.TrimSuffix(s, "0m")
+	}
+	return s
 }
 
 // hotResource is one row of stagesync.hot_resources (the last 24 hours).
@@ -224,7 +286,7 @@ type deadLetterRow struct {
 func collectStatus(ctx context.Context, tx pgx.Tx, now time.Time, limits statusLimits) (*statusReport, error) {
 	q := db.New()
 	rep := &statusReport{GeneratedAt: now.UTC(), Backlog: []backlogRow{}, Health: []targetHealth{}, Processes: []processRow{},
-		LastHour: []lastHourRow{}, HotResources: []hotResource{}, DeadLetters: []deadLetterRow{}}
+		LastHour: []lastHourRow{}, ConflictAlerts: []conflictAlertRow{}, HotResources: []hotResource{}, DeadLetters: []deadLetterRow{}}
 
 	backlog, err := q.StatusBacklog(ctx, tx)
 	if err != nil {
@@ -291,6 +353,14 @@ func collectStatus(ctx context.Context, tx pgx.Tx, now time.Time, limits statusL
 		rep.LastHour = append(rep.LastHour, *r)
 	}
 
+	alerts, err := processor.ReadConflictAlerts(ctx, tx)
+	if err != nil {
+		return nil, err
+	}
+	for _, a := range alerts {
+		rep.ConflictAlerts = append(rep.ConflictAlerts, conflictAlertRowOf(a))
+	}
+
 	if err := collectHealth(ctx, q, tx, now, rep); err != nil {
 		return nil, err
 	}
@@ -311,6 +381,15 @@ func collectStatus(ctx context.Context, tx pgx.Tx, now time.Time, limits statusL
 			}
 			rep.HotResources = append(rep.HotResources, row)
 		}
+	}
+
+	tables, err := q.StatusTableSizes(ctx, tx)
+	if err != nil {
+		return nil, fmt.Errorf("read table sizes: %w", err)
+	}
+	rep.Tables = make([]tableSize, 0, len(tables))
+	for _, t := range tables {
+		rep.Tables = append(rep.Tables, tableSize{Table: t.TableName, Bytes: t.Bytes, EstimatedRows: t.EstimatedRows})
 	}
 
 	if limits.dead > 0 {
@@ -428,6 +507,10 @@ func writeStatusText(w io.Writer, rep *statusReport) error {
 			h.Finished["applied"], h.Finished["merged"], h.Finished["noop"], h.Finished["dead"], h.Finished["rejected"])
 	}
 
+	if err := writeAlertsText(w, rep); err != nil {
+		return err
+	}
+
 	fmt.Fprintf(w, "\nIN FLIGHT: %d changes processing", rep.Totals.Processing)
 	var running, queued, scheduled int64
 	for _, b := range rep.Backlog {
@@ -441,19 +524,24 @@ func writeStatusText(w io.Writer, rep *statusReport) error {
 		return err
 	}
 
+	if err := writeTablesText(w, rep); err != nil {
+		return err
+	}
+
 	if len(rep.DeadLetters) == 0 {
 		_, err := fmt.Fprintf(w, "\nDEAD LETTERS: none\n")
 		return err
 	}
-	fmt.Fprintf(w, "\nDEAD LETTERS (latest %d; requeue with: stagesync requeue --id ID)\n", len(rep.DeadLetters))
+	fmt.Fprintf(w, "\nDEAD LETTERS (latest %d; requeue one, once its cause is fixed, with %s requeue and the flags in its row)\n", len(rep.DeadLetters), self)
 	tab := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintf(tab, "id\ttarget\tresource\tstatus\tattempts\tfinished\tlast error\n")
+	fmt.Fprintf(tab, "id\ttarget\tresource\tstatus\tattempts\tfinished\trequeue with\tlast error\n")
 	for _, d := range rep.DeadLetters {
 		fin := "-"
 		if d.FinishedAt != nil {
 			fin = d.FinishedAt.Format(time.DateTime)
 		}
-		fmt.Fprintf(tab, "%d\t%s\t%s\t%s\t%d\t%s\t%s\n", d.ID, d.Target, oneLine(d.ResourceID, 40), d.Status, d.Attempts, fin, oneLine(d.LastError, 120))
+		fmt.Fprintf(tab, "%d\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", d.ID, d.Target, oneLine(d.ResourceID, 40), d.Status, d.Attempts, fin,
+			RequeueFlags([]int64{d.ID}, d.Status == "rejected"), oneLine(d.LastError, 120))
 	}
 	if err := tab.Flush(); err != nil {
 		return fmt.Errorf("write status: %w", err)
@@ -536,6 +624,27 @@ func writeHealthText(w io.Writer, rep *statusReport) error {
 	}
 	_, err := fmt.Fprintln(w)
 	return err
+}
+
+// writeAlertsText prints each target's conflict rate over its alert window,
+// marking the targets above their alert.
+func writeAlertsText(w io.Writer, rep *statusReport) error {
+	if len(rep.ConflictAlerts) == 0 {
+		return nil
+	}
+	fmt.Fprintf(w, "\nCONFLICT ALERT (conflict rate over each target's alert.window; judged with at least %d requests)\n", processor.ConflictAlertMinRequests)
+	tab := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	for _, a := range rep.ConflictAlerts {
+		state := "ok"
+		if a.Above {
+			state = "ABOVE"
+		}
+		fmt.Fprintf(tab, "%s\t%s\t%s (%d conflicts in %d requests)\n", a.Target, state, a.Summary, a.Conflicts, a.Requests)
+	}
+	if err := tab.Flush(); err != nil {
+		return fmt.Errorf("write status: %w", err)
+	}
+	return nil
 }
 
 func processName(host string, pid int32) string {
@@ -833,4 +942,47 @@ func oneLine(s string, n int) string {
 		return string(r[:n-1]) + "…"
 	}
 	return s
+}
+
+// writeTablesText prints the tables' sizes, largest first.
+func writeTablesText(w io.Writer, rep *statusReport) error {
+	if len(rep.Tables) == 0 {
+		return nil
+	}
+	fmt.Fprintf(w, "\nTABLES (size with indexes; rows as estimated by PostgreSQL; kept in check by retention)\n")
+	tab := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintf(tab, "table\tsize\trows\t\n")
+	for _, t := range rep.Tables {
+		fmt.Fprintf(tab, "%s\t%s\t%s\t\n", t.Table, formatBytes(t.Bytes), formatRows(t.EstimatedRows))
+	}
+	if err := tab.Flush(); err != nil {
+		return fmt.Errorf("write status: %w", err)
+	}
+	return nil
+}
+
+// formatBytes prints a size in the largest unit that keeps it at or above
+// one: 512 B, 1.5 MiB, 12 GiB.
+func formatBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	v, exp := float64(n)/unit, 0
+	for v >= unit && exp < 4 {
+		v /= unit
+		exp++
+	}
+	if v < 10 {
+		return fmt.Sprintf("%.1f %ciB", v, "KMGTP"[exp])
+	}
+	return fmt.Sprintf("%.0f %ciB", v, "KMGTP"[exp])
+}
+
+// formatRows prints a row estimate, "-" when PostgreSQL has none yet.
+func formatRows(n int64) string {
+	if n < 0 {
+		return "-"
+	}
+	return strconv.FormatInt(n, 10)
 }

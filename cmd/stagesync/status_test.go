@@ -103,6 +103,14 @@ func TestStatusJSONHasTheDatabaseFigures(t *testing.T) {
 	    {"target": "beta", "requests": 1, "conflicts": 0, "conflict_rate": 0,
 	     "finished": {"applied": 0, "merged": 0, "noop": 0, "dead": 0, "rejected": 1}}
 	  ],
+	  "conflict_alerts": [
+	    {"target": "alpha", "conflict_rate": 0.3, "threshold": 0.05, "window_seconds": 900, "requests": 10, "conflicts": 3,
+	     "min_requests": 20, "above": false,
+	     "summary": "conflict rate 30.0%% over the last 15m; too few requests (10 of 20) to judge it against the 5%% alert"},
+	    {"target": "beta", "conflict_rate": 0, "threshold": 0.05, "window_seconds": 900, "requests": 1, "conflicts": 0,
+	     "min_requests": 20, "above": false,
+	     "summary": "conflict rate 0.0%% over the last 15m; too few requests (1 of 20) to judge it against the 5%% alert"}
+	  ],
 	  "dead_letters": [
 	    {"id": %d, "target": "beta", "resource_id": "b2", "status": "rejected", "attempts": 1,
 	     "last_error": %q, "finished_at": %q},
@@ -125,7 +133,50 @@ func TestStatusJSONHasTheDatabaseFigures(t *testing.T) {
 		f.rejID, f.rejectedReason, ts(f.rejFinished), f.deadID, f.deadLastError, ts(f.deadFinished),
 		ts(f.now.Add(-10*time.Minute)), ts(f.now.Add(-10*time.Minute)), ts(f.now.Add(-10*time.Minute)),
 		ts(f.now.Add(-2*time.Hour)), ts(f.now.Add(-2*time.Hour)))
-	require.JSONEq(t, want, out.String())
+	// Table sizes depend on the server; they are checked apart, the rest
+	// exactly.
+	var got map[string]any
+	require.NoError(t, json.Unmarshal(out.Bytes(), &got))
+	tables, ok := got["tables"].([]any)
+	require.True(t, ok, "tables: got %T; want a list", got["tables"])
+	sizes := map[string]float64{}
+	for _, tb := range tables {
+		m := tb.(map[string]any)
+		sizes[m["table"].(string)] = m["bytes"].(float64)
+		require.GreaterOrEqual(t, m["estimated_rows"].(float64), float64(-1), "estimated_rows of %v", m["table"])
+	}
+	for _, name := range []string{"changes", "attempts", "merges", "resources", "outbox", "river_job"} {
+		require.Positive(t, sizes[name], "size of table %s: got %v; want > 0 (tables: %v)", name, sizes[name], sizes)
+	}
+	delete(got, "tables")
+	rest, err := json.Marshal(got)
+	require.NoError(t, err)
+	require.JSONEq(t, want, string(rest))
+}
+
+func TestStatusMarksATargetAboveItsConflictAlert(t *testing.T) {
+	t.Parallel()
+	f := newStatusFixture(t)
+	execSQL(t, f.pool, `INSERT INTO stagesync.targets (name, base_url, item_path, settings)
+		VALUES ('gamma', 'http://127.0.0.1:1', '/items/{id}', '{"alert": {"conflict_rate": 0.1, "window": "1h0m0s"}}')`)
+	insertAttempts(t, f.pool, "gamma", 50, 6, time.Now().Add(-30*time.Minute)) // 12% over the 1h window
+	insertAttempts(t, f.pool, "gamma", 50, 50, time.Now().Add(-2*time.Hour))   // outside it
+	getenv := func(string) string { return "" }
+
+	var out bytes.Buffer
+	require.NoError(t, run(t.Context(), []string{"status", "--json", "--database-url", f.url}, getenv, &out))
+	var rep statusReport
+	require.NoError(t, json.Unmarshal(out.Bytes(), &rep))
+	require.Len(t, rep.ConflictAlerts, 3)
+	require.Equal(t, conflictAlertRow{Target: "gamma", ConflictRate: 0.12, Threshold: 0.1, WindowSeconds: 3600, Requests: 50, Conflicts: 6,
+		MinRequests: 20, Above: true, Summary: "conflict rate 12.0% over the last 1h, above the 10% alert"}, rep.ConflictAlerts[2])
+	require.False(t, rep.ConflictAlerts[0].Above, "alpha (30%% of 10 requests) above: got true; want false (too few requests)")
+
+	out.Reset()
+	require.NoError(t, run(t.Context(), []string{"status", "--database-url", f.url}, getenv, &out))
+	text := out.String()
+	require.Regexp(t, `(?m)^gamma +ABOVE +conflict rate 12\.0% over the last 1h, above the 10% alert \(6 conflicts in 50 requests\)$`, text)
+	require.Regexp(t, `(?m)^alpha +ok +conflict rate 30\.0% over the last 15m; too few requests \(10 of 20\) to judge it against the 5% alert`, text)
 }
 
 func TestStatusCommand(t *testing.T) {
@@ -166,7 +217,13 @@ func TestStatusCommand(t *testing.T) {
 		require.Equal(t, []string{"1", "2", "1"}, a[4:])
 		require.Equal(t, []string{"total", "4", "2"}, row("total"))
 		require.Contains(t, text, "IN FLIGHT: 2 changes processing, 1 jobs running, 2 jobs queued, 1 jobs scheduled for a retry\n")
-		require.Contains(t, text, "DEAD LETTERS (latest 2; requeue with: stagesync requeue --id ID)\n")
+		require.Contains(t, text, "\nTABLES (size with indexes; rows as estimated by PostgreSQL; kept in check by retention)\n")
+		require.Regexp(t, `(?m)^ +changes +[0-9.]+ (B|KiB|MiB) +(-|[0-9]+) *$`, text)
+		require.Contains(t, text, "DEAD LETTERS (latest 2; requeue one, once its cause is fixed, with stagesync requeue and the flags in its row)\n")
+		// Each row names its own command: a rejected change needs
+		// --include-rejected, a dead one does not.
+		require.Regexp(t, `(?m)^14 +beta +b2 +rejected .* --id 14 --include-rejected +PATCH`, text)
+		require.Regexp(t, `(?m)^12 +alpha +a9 +dead .* --id 12 +gave up`, text)
 		require.Contains(t, text, f.deadLastError)
 		require.Contains(t, text, f.rejectedReason)
 	})
@@ -434,4 +491,13 @@ func TestStatusWatchUntilDrainedGivesUpWhenNoWorkAppears(t *testing.T) {
 	require.NoError(t, run(t.Context(), []string{"status", "--watch", "--until-drained", "--wait-for-work", "0", "--database-url", url},
 		func(string) string { return "" }, &out), "--wait-for-work 0: nothing open means drained")
 	require.Contains(t, out.String(), "0/0  100%  0/s  drained\n")
+}
+
+func TestFormatBytesAndRows(t *testing.T) {
+	t.Parallel()
+	for n, want := range map[int64]string{0: "0 B", 1023: "1023 B", 1024: "1.0 KiB", 1536: "1.5 KiB", 10 << 20: "10 MiB", 3 << 30: "3.0 GiB"} {
+		require.Equal(t, want, formatBytes(n), "formatBytes(%d)", n)
+	}
+	require.Equal(t, "-", formatRows(-1))
+	require.Equal(t, "42", formatRows(42))
 }

@@ -179,12 +179,22 @@ type statusPage struct {
 	BacklogChart    lineChart
 	ThroughputChart lineChart
 	Conflicts       []conflictChart
-	Hot             []pageHot
-	DeadLetters     []pageDeadLetter
+	// Alerts are the targets above their conflict-rate alert now.
+	Alerts      []pageAlert
+	Hot         []pageHot
+	DeadLetters []pageDeadLetter
+	// Tables are the tables' sizes, largest first.
+	Tables []pageTable
 	// Targets fill the search form's target choice; Query and
 	// QueryTarget its fields (empty here).
 	Targets            []string
 	Query, QueryTarget string
+}
+
+// pageAlert is a target above its conflict-rate alert.
+type pageAlert struct {
+	Target, Summary     string
+	Conflicts, Requests int64
 }
 
 type pageBacklog struct {
@@ -208,10 +218,16 @@ type pageHot struct {
 	Conflicts, Requests, Merges, NeedsReview       int64
 }
 
+// pageTable is one table's size on disk and estimated rows.
+type pageTable struct{ Table, Size, Rows string }
+
 type pageDeadLetter struct {
 	ID                                                int64
 	Target, ResourceID, Status, FinishedAt, LastError string
 	Attempts                                          int32
+	// Requeue is the command that requeues it (--include-rejected for a
+	// rejected change).
+	Requeue string
 }
 
 // lineChart is an SVG line chart in a fixed viewBox.
@@ -251,6 +267,10 @@ type conflictChart struct {
 	ThresholdY float64
 	Bars       []conflictBar
 	Rows       []conflictRow
+	// Now is the conflict rate over the alert window in words, and NowOver
+	// whether it is above the alert.
+	Now     string
+	NowOver bool
 }
 
 type conflictBar struct {
@@ -429,6 +449,17 @@ func buildStatusPage(ctx context.Context, pool *pgxpool.Pool, samples []backlogS
 		thresholds[t] = r
 	}
 	page.Conflicts = conflictCharts(rates, hourFrom, thresholds)
+	for _, a := range rep.ConflictAlerts {
+		if a.Above {
+			page.Alerts = append(page.Alerts, pageAlert{Target: a.Target, Summary: a.Summary, Conflicts: a.Conflicts, Requests: a.Requests})
+		}
+		for i := range page.Conflicts {
+			if c := &page.Conflicts[i]; c.Target == a.Target {
+				c.Now = fmt.Sprintf("Now: %s (%d conflicts in %d requests).", a.Summary, a.Conflicts, a.Requests)
+				c.NowOver = a.Above
+			}
+		}
+	}
 
 	for _, h := range rep.HotResources {
 		last := "-"
@@ -442,8 +473,12 @@ func buildStatusPage(ctx context.Context, pool *pgxpool.Pool, samples []backlogS
 		page.Hot = append(page.Hot, pageHot{Target: h.Target, ResourceID: h.ResourceID, Rate: formatPercent(h.ConflictRate), LastConflict: last,
 			Fields: fields, Conflicts: h.Conflicts, Requests: h.Requests, Merges: h.Merges, NeedsReview: h.NeedsReview})
 	}
+	for _, t := range rep.Tables {
+		page.Tables = append(page.Tables, pageTable{Table: t.Table, Size: formatBytes(t.Bytes), Rows: formatRows(t.EstimatedRows)})
+	}
 	for _, d := range rep.DeadLetters {
-		row := pageDeadLetter{ID: d.ID, Target: d.Target, ResourceID: d.ResourceID, Status: d.Status, Attempts: d.Attempts, FinishedAt: "-", LastError: d.LastError}
+		row := pageDeadLetter{ID: d.ID, Target: d.Target, ResourceID: d.ResourceID, Status: d.Status, Attempts: d.Attempts, FinishedAt: "-", LastError: d.LastError,
+			Requeue: RequeueHint(d.ID, d.Status)}
 		if d.FinishedAt != nil {
 			row.FinishedAt = d.FinishedAt.Format(time.DateTime)
 		}

@@ -133,9 +133,11 @@ func TestStatusPageInChromium(t *testing.T) {
 
 	_, hs := newSim(t, remotesim.Options{})
 	s := startServe(t, dbURL, pool, testConfig(t, hs.URL, "    alert: {conflict_rate: 0.1}\n"))
+	// territory is above its 10% alert: 6 conflicts in 30 requests.
+	insertAttempts(t, pool, "territory", 30, 6, now)
 	waitFor(t, 10*time.Second, "two backlog samples", func() bool {
 		_, body := s.get(t, "/")
-		return strings.Contains(body, `<polyline class="pending"`)
+		return strings.Contains(body, `<polyline class="pending"`) && strings.Contains(body, `id="alert-territory"`)
 	})
 
 	dom := dumpDOM(t, chromium, "http://"+s.addr+"/")
@@ -161,6 +163,11 @@ func TestStatusPageInChromium(t *testing.T) {
 		`text-anchor="end">50%</text>`,
 		`<line class="threshold" id="threshold-erp" x1="56" y1="109.2" x2="628" y2="109.2"></line>`,
 		`text-anchor="end">alert 5.0%</text>`,
+		// The conflict-rate alert: territory above it, erp with too few
+		// requests to judge.
+		`<p class="alert" id="alert-territory"><strong>territory</strong>: conflict rate 20.0% over the last 15m, above the 10% alert (6 conflicts in 30 requests).`,
+		`<p class="now over" id="now-territory">Now: conflict rate 20.0% over the last 15m, above the 10% alert (6 conflicts in 30 requests).</p>`,
+		`<p class="now" id="now-erp">Now: conflict rate 41.7% over the last 15m; too few requests (12 of 20) to judge it against the 5% alert (5 conflicts in 12 requests).</p>`,
 		// The hourly table: noop, p50 and p95 too.
 		`<table class="conflicts stack" id="conflicts-erp">`,
 		`<th class="num">noop</th><th class="num">dead</th><th class="num">rejected</th><th class="num">p50</th><th class="num">p95</th>`,
@@ -173,8 +180,14 @@ func TestStatusPageInChromium(t *testing.T) {
 		// Dead letters, newest first, linked to their history.
 		`<tr id="dead-` + itoa(deadID) + `"><td class="num" data-label="id"><a href="/history?change=` + itoa(deadID) + `">` + itoa(deadID) + `</a></td><td data-label="target">erp</td><td class="id" data-label="resource"><a href="/history?target=erp&amp;resource=x-9">x-9</a></td><td data-label="status">dead</td><td class="num" data-label="attempts">10</td>`,
 		`<tr id="dead-` + itoa(rejID) + `">`,
+		// Each dead letter names the command that requeues it.
+		`<td data-label="requeue with"><code>stagesync requeue --id ` + itoa(deadID) + `</code></td></tr>`,
+		`<td data-label="requeue with"><code>stagesync requeue --id ` + itoa(rejID) + ` --include-rejected</code></td></tr>`,
 		`"&gt;&lt;script&gt;alert(1)&lt;/script&gt;&amp;change=1</a>`,
 		`422 &lt;img src=x onerror=alert(2)&gt; field "status" is &lt;b&gt;bad&lt;/b&gt;`,
+		// Table sizes.
+		`<table id="tables" class="stack">`,
+		`<td data-label="table">changes</td>`,
 		// The search form.
 		`<form class="search" method="get" action="/history" role="search">`,
 		`<option value="">any target</option><option>erp</option><option>territory</option>`,
