@@ -191,3 +191,28 @@ func TestChangesChecksDoNotWaitForTheProcessor(t *testing.T) {
 	pgErr := requirePgError(t, err, "23503")
 	require.Equal(t, "changes_target_known", pgErr.ConstraintName)
 }
+
+// A statement of many rows refused by a per-row rule says which row broke
+// it: the DETAIL names its target and resource_id.
+func TestChangesRefusalNamesTheRow(t *testing.T) {
+	t.Parallel()
+	d := newTestDB(t)
+	for rule, bad := range map[string]string{
+		"changes_fields_no_id":     `'{"id": 1}'`,
+		"changes_fields_is_object": `'[1]'`,
+		"changes_op_valid":         `'{"a": 1}'`,
+	} {
+		op := "update"
+		if rule == "changes_op_valid" {
+			op = "upsert"
+		}
+		_, err := d.Pool.Exec(t.Context(), `INSERT INTO stagesync.changes (target, resource_id, op, fields) VALUES
+			('territory', 'fine-1', 'update', '{"a": 1}'),
+			('territory', 'THE-BAD-ROW-42', '`+op+`', `+bad+`),
+			('territory', 'fine-2', 'update', '{"a": 2}')`)
+		pgErr := requirePgError(t, err, "23514")
+		require.Equal(t, rule, pgErr.ConstraintName)
+		require.Contains(t, pgErr.Detail, `resource_id "THE-BAD-ROW-42"`, "%s: detail %q", rule, pgErr.Detail)
+		require.Contains(t, pgErr.Detail, `target "territory"`, "%s: detail %q", rule, pgErr.Detail)
+	}
+}

@@ -147,6 +147,7 @@ type StagesyncOutbox struct {
 type StagesyncProcess struct {
 	ClientID    string    `json:"client_id"`
 	LockKey     int64     `json:"lock_key"`
+	Login       string    `json:"login"`
 	Hostname    string    `json:"hostname"`
 	Pid         int32     `json:"pid"`
 	Targets     []string  `json:"targets"`

@@ -35,6 +35,10 @@ ALTER TABLE stagesync.targets
 CREATE TABLE stagesync.processes (
     client_id    text PRIMARY KEY,
     lock_key     bigint NOT NULL UNIQUE,
+    -- The login of the process's sessions: only a session of this login
+    -- holding lock_key makes the process alive (advisory locks are open to
+    -- every role, so another role could otherwise hold the key for it).
+    login        text NOT NULL DEFAULT session_user,
     hostname     text NOT NULL,
     pid          integer NOT NULL,
     targets      text[] NOT NULL DEFAULT '{}',

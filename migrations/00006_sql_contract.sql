@@ -110,7 +110,8 @@ BEGIN
     END IF;
     RAISE EXCEPTION USING ERRCODE = 'check_violation', CONSTRAINT = rule,
         SCHEMA = 'stagesync', TABLE = 'changes', COLUMN = col, MESSAGE = msg,
-        DETAIL = format('The row breaks rule %s of check constraint changes_valid on table stagesync.changes.', rule),
+        DETAIL = format('The row with target %s and resource_id %s breaks rule %s of check constraint changes_valid on table stagesync.changes.',
+                        to_jsonb(left(c.target, 40)), to_jsonb(left(c.resource_id, 40)), rule),
         HINT = coalesce(hint, 'The README lists what stagesync.changes accepts.');
 END
 $$;

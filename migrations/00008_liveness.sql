@@ -15,22 +15,26 @@
 -- cost of this function, a few microseconds per thousand locks held.
 -- A bigint advisory key k shows in pg_locks as classid = k >> 32,
 -- objid = k & 0xffffffff, objsubid = 1; lock keys are positive, so the
--- shift needs no sign handling.
+-- shift needs no sign handling. The lock counts only when a session of the
+-- process's own login holds it: any role may take advisory locks, and one
+-- holding (or queueing for) a dead process's key would otherwise keep it
+-- "alive" and its jobs unrescued.
 CREATE FUNCTION stagesync.live_processes()
 RETURNS TABLE (client_id text, targets text[])
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
     WITH held AS MATERIALIZED (
-        SELECT (l.classid::bigint << 32) | l.objid::bigint AS lock_key
+        SELECT (l.classid::bigint << 32) | l.objid::bigint AS lock_key, a.usename::text AS login
         FROM pg_catalog.pg_locks l
+        JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
           AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
                             WHERE d.datname = pg_catalog.current_database())
     )
     SELECT p.client_id, p.targets
     FROM stagesync.processes p
-    WHERE p.lock_key IN (SELECT held.lock_key FROM held);
+    WHERE (p.lock_key, p.login) IN (SELECT held.lock_key, held.login FROM held);
 $$;
 -- +goose StatementEnd
 

@@ -233,11 +233,13 @@ func ParseConfig(raw []byte, getenv func(string) string) (*Config, error) {
 		return nil, syntaxError(err)
 	}
 	var missing []string
+	env := envValues{}
 	expandEnv(&root, func(name string) string {
 		v := getenv(name)
 		if v == "" && !slices.Contains(missing, name) {
 			missing = append(missing, name)
 		}
+		env.add(name, v)
 		return v
 	})
 	if len(missing) > 0 {
@@ -246,18 +248,46 @@ func ParseConfig(raw []byte, getenv func(string) string) (*Config, error) {
 	// Checked and decoded from the parsed (and expanded) nodes, never from
 	// re-encoded text, so every error names the line of the file.
 	if errs := checkYAML(&root); len(errs) > 0 {
-		return nil, errors.Join(errs...)
+		return nil, env.hide(errors.Join(errs...))
 	}
 	var cfg Config
 	if len(root.Content) > 0 {
 		if err := root.Content[0].Decode(&cfg); err != nil {
-			return nil, decodeError(err)
+			return nil, env.hide(decodeError(err))
 		}
 	}
 	if err := cfg.validate(getenv); err != nil {
-		return nil, withLines(&root, err)
+		return nil, env.hide(withLines(&root, err))
 	}
 	return &cfg, nil
+}
+
+// envValues are the values ${VAR} references expanded to, by value. A
+// config error quotes the value it refuses; one that came from the
+// environment (a credential in the wrong key, say) is shown as its ${VAR}
+// instead. Values under 4 bytes are left alone: they would blank out
+// ordinary text, and nothing secret is that short.
+type envValues map[string]string
+
+func (e envValues) add(name, value string) {
+	if len(value) >= 4 {
+		e[value] = "${" + name + "}"
+	}
+}
+
+// hide replaces the expanded values in err's text, longest first.
+func (e envValues) hide(err error) error {
+	if err == nil || len(e) == 0 {
+		return err
+	}
+	text := err.Error()
+	for _, v := range slices.SortedFunc(maps.Keys(e), func(a, b string) int { return len(b) - len(a) }) {
+		text = strings.ReplaceAll(text, v, e[v])
+	}
+	if text == err.Error() {
+		return err
+	}
+	return errors.New(text)
 }
 
 var envRef = regexp.MustCompile(`\$\{([A-Za-z_][A-Za-z0-9_]*)\}`)

@@ -118,3 +118,30 @@ targets:
 	require.Equal(t, "http://api.test/v2", cfg.Targets["territory"].BaseURL)
 	require.Equal(t, "/a/{id}/$literal", cfg.Targets["territory"].ItemPath, "only ${VAR} is expanded")
 }
+
+// A config error quotes the value it refuses; a value that came from the
+// environment (a credential put in the wrong key) shows as its ${VAR}.
+func TestConfigErrorsNeverShowValuesFromTheEnvironment(t *testing.T) {
+	t.Parallel()
+	const secret = "SECRETTOKEN-9f8e7d"
+	getenv := func(name string) string {
+		if name == "TOKEN" {
+			return secret
+		}
+		return ""
+	}
+	for name, body := range map[string]string{
+		"a value where a mapping belongs": "    auth: \"Bearer ${TOKEN}\"\n",
+		"a value of the wrong kind":       "    timeout: ${TOKEN}\n",
+		"a value the validation refuses":  "    update_method: ${TOKEN}\n",
+	} {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			raw := "targets:\n  crm:\n    base_url: http://127.0.0.1:1\n    item_path: /a/{id}\n" + body
+			_, err := ParseConfig([]byte(raw), getenv)
+			require.Error(t, err)
+			require.NotContains(t, err.Error(), secret, "error: %v", err)
+			require.Contains(t, err.Error(), "${TOKEN}", "error: %v", err)
+		})
+	}
+}

@@ -232,6 +232,14 @@ func TestHistoryPage(t *testing.T) {
 	require.Contains(t, body, `<p class="none" id="notice">Nothing found: resource &#34;no such thing&#34;: not found`)
 	code, _ = s.get(t, "/history?change=abc")
 	require.Equal(t, http.StatusBadRequest, code)
+	// Text PostgreSQL refuses is no outage: a 400 saying no id can be so,
+	// and no WARN in the log for whoever sends it.
+	for _, bad := range []string{"/history?target=territory&resource=%ff%fe", "/history?resource=a%00b", "/history?q=%c3"} {
+		code, body = s.get(t, bad)
+		require.Equal(t, http.StatusBadRequest, code, "%s: got %d; want 400", bad, code)
+		require.Contains(t, body, "UTF-8 text without NUL characters", bad)
+	}
+	require.NotContains(t, s.logs.String(), "history page: database query failed")
 	code, body = s.get(t, "/history")
 	require.Equal(t, http.StatusOK, code)
 	require.Contains(t, body, `<form class="search"`)

@@ -16,6 +16,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -841,6 +842,15 @@ func buildHistoryPage(ctx context.Context, pool *pgxpool.Pool, r *http.Request, 
 	default:
 		page.Notice = "Search by change id, or by resource id (choose the target if several share it)."
 		return page, http.StatusOK
+	}
+	// PostgreSQL refuses text that is not UTF-8 or holds NUL, and no
+	// target or resource can have such a name: say so, rather than report
+	// the database's refusal as an outage (and log it for every visitor).
+	for _, s := range []string{hq.target, hq.resourceID} {
+		if !utf8.ValidString(s) || strings.ContainsRune(s, 0) {
+			page.Notice = "Nothing can be found by that: targets and resource ids are UTF-8 text without NUL characters."
+			return page, http.StatusBadRequest
+		}
 	}
 	var amb *ambiguousResourceError
 	rep, err := loadHistory(ctx, pool, hq, 500)
