@@ -301,7 +301,7 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 		rr.finishDetail(seg, statusNoop, "", "", fmt.Sprintf("nothing sent: the stored state of the remote (ETag %s) already shows these values", cleanText(st.etag, 100)))
 		return true
 	}
-	if st.etag == "" || st.deleted || (a.t.UpdateMethod == http.MethodPut && st.snapshot == nil) {
+	if a.fetchFirst(st) {
 		cur := a.fetch(ctx, rr, seg)
 		switch {
 		case cur.status == http.StatusNotFound:
@@ -335,6 +335,9 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 		if a.outOfAttempts(rr, seg) {
 			return a.retryLater(rr, seg, resp)
 		}
+		if a.canRewriteUnread(rr, fields, st, resp) {
+			return a.rewriteUnread(ctx, rr, seg, st, fields, resp)
+		}
 		cur := a.fetch(ctx, rr, seg)
 		if a.refusesOwnETag(rr, seg, st.etag, cur) {
 			return true
@@ -345,6 +348,72 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 	}
 }
 
+// fetchFirst reports whether an update must GET the resource before
+// writing: no ETag is stored, the resource was seen deleted, or a PUT has
+// no document to apply the fields to.
+func (a *applier) fetchFirst(st resourceState) bool {
+	return st.etag == "" || st.deleted || (a.t.UpdateMethod == http.MethodPut && st.snapshot == nil)
+}
+
+// canRewriteUnread reports whether a conflict can be answered by writing
+// the same fields again at once with the ETag the conflict answer carried,
+// without a GET: every field to write has policy ours (whatever the remote
+// holds, the merge writes ours), the write is a PATCH (it touches only our
+// fields, so a person's edit of any other field stays), the resource is
+// not in doubt (an in-doubt write is judged by reading the remote), and the
+// answer named an ETag other than the one just refused.
+func (a *applier) canRewriteUnread(rr *resourceRun, fields map[string]any, st resourceState, conflict response) bool {
+	if a.t.UpdateMethod != http.MethodPatch || rr.inDoubt != nil || conflict.etag == "" || conflict.etag == st.etag {
+		return false
+	}
+	for f := range fields {
+		if a.t.policy(f) != PolicyOurs {
+			return false
+		}
+	}
+	return true
+}
+
+// rewriteUnread writes fields again with the ETag of the conflict answer,
+// recording a merges row without theirs (decisions took_ours_unread). The
+// old snapshot is no longer a base (someone changed the resource), so the
+// new one is the answer's body if it shows the written values, else
+// unknown. If the rewrite conflicts too (the ETag was not current after
+// all, or someone edited again), the resource is read and merged as usual.
+func (a *applier) rewriteUnread(ctx context.Context, rr *resourceRun, seg []openChange, st resourceState, fields map[string]any, conflict response) bool {
+	decisions := make(map[string]Decision, len(fields))
+	for f := range fields {
+		decisions[f] = TookOursUnread
+	}
+	rr.merges = append(rr.merges, mergeRecord{
+		changeIDs: changeIDs(seg), base: st.snapshot, ours: fields,
+		result: fields, decisions: decisions, outcome: statusMerged, at: a.now(),
+	})
+	a.r.metrics.observeMerge(a.t.Name, statusMerged)
+	fresh := resourceState{etag: conflict.etag}
+	resp := a.write(ctx, rr, seg, fresh, fields, nil)
+	switch {
+	case resp.status >= 200 && resp.status < 300:
+		a.succeed(rr, seg, resp, fresh, fields, nil, nil)
+		rr.finishDetail(seg, statusMerged, "", resp.etag, unreadDetail)
+		return true
+	case a.t.isConflict(resp.status):
+		if a.outOfAttempts(rr, seg) {
+			return a.retryLater(rr, seg, resp)
+		}
+		cur := a.fetch(ctx, rr, seg)
+		if a.refusesOwnETag(rr, seg, fresh.etag, cur) {
+			return true
+		}
+		return a.mergeAndWrite(ctx, rr, seg, st.base(), cur, nil)
+	default:
+		return a.failure(rr, seg, resp)
+	}
+}
+
+// unreadDetail is the outcome_detail of a change written by rewriteUnread.
+const unreadDetail = "written again at once after a conflict, with the ETag the conflict answer carried: every field it sets has policy ours, so the remote's values (not read) could not change what to write; a PATCH leaves the remote's other fields as they are"
+
 // create sends PUT with If-None-Match: *. If the resource already exists
 // (someone else made it), its current state is merged like a conflict
 // with an unknown base.
@@ -354,10 +423,7 @@ func (a *applier) create(ctx context.Context, rr *resourceRun, seg []openChange)
 		return a.mergeAndWrite(ctx, rr, seg, v.base, v.cur, v.doubt)
 	}
 	fields := fold(seg)
-	resp := a.do(ctx, request{
-		method: http.MethodPut, resourceID: rr.id, url: a.r.itemURL(rr.id), changeIDs: changeIDs(seg),
-		ifNoneMatch: "*", body: fields, idemKey: true,
-	})
+	resp := a.do(ctx, a.createRequest(rr, seg, fields))
 	a.count(rr, seg, resp, nil)
 	switch {
 	case resp.status >= 200 && resp.status < 300:
@@ -376,6 +442,14 @@ func (a *applier) create(ctx context.Context, rr *resourceRun, seg []openChange)
 	}
 }
 
+// createRequest is the PUT with If-None-Match: * that creates the resource.
+func (a *applier) createRequest(rr *resourceRun, seg []openChange, fields map[string]any) request {
+	return request{
+		method: http.MethodPut, resourceID: rr.id, url: a.r.itemURL(rr.id), changeIDs: changeIDs(seg),
+		ifNoneMatch: "*", body: fields, idemKey: true,
+	}
+}
+
 // delete sends DELETE with the stored ETag. A resource already gone is a
 // noop. If the remote changed it since, the target's default policy
 // decides: manual leaves it for a person, otherwise the delete is retried
@@ -385,7 +459,7 @@ func (a *applier) delete(ctx context.Context, rr *resourceRun, seg []openChange)
 	// delete: it is sent with the fresh ETag.
 	rr.verify = nil
 	st := rr.state
-	if st.etag == "" || st.deleted || st.missing {
+	if deleteFetchFirst(st) {
 		cur, settled, verdict := a.fetchForDelete(ctx, rr, seg)
 		if settled {
 			return verdict
@@ -394,13 +468,7 @@ func (a *applier) delete(ctx context.Context, rr *resourceRun, seg []openChange)
 		rr.setState(st)
 	}
 	for round := 0; ; round++ {
-		// No Idempotency-Key: with one, Go's transport would resend a
-		// bodiless DELETE on its own after a failed connection, and its
-		// If-Match already makes a second copy harmless and visible.
-		resp := a.do(ctx, request{
-			method: http.MethodDelete, resourceID: rr.id, url: a.r.itemURL(rr.id), changeIDs: changeIDs(seg),
-			ifMatch: st.etag,
-		})
+		resp := a.do(ctx, a.deleteRequest(rr, seg, st))
 		a.count(rr, seg, resp, nil)
 		switch {
 		case resp.status >= 200 && resp.status < 300, resp.status == http.StatusNotFound:
@@ -431,6 +499,23 @@ func (a *applier) delete(ctx context.Context, rr *resourceRun, seg []openChange)
 		default:
 			return a.failure(rr, seg, resp)
 		}
+	}
+}
+
+// deleteFetchFirst reports whether a delete must GET the resource first:
+// no ETag is stored, or the stored state says it is gone or missing.
+func deleteFetchFirst(st resourceState) bool {
+	return st.etag == "" || st.deleted || st.missing
+}
+
+// deleteRequest is the DELETE with the ETag of st. No Idempotency-Key: with
+// one, Go's transport would resend a bodiless DELETE on its own after a
+// failed connection, and its If-Match already makes a second copy harmless
+// and visible.
+func (a *applier) deleteRequest(rr *resourceRun, seg []openChange, st resourceState) request {
+	return request{
+		method: http.MethodDelete, resourceID: rr.id, url: a.r.itemURL(rr.id), changeIDs: changeIDs(seg),
+		ifMatch: st.etag,
 	}
 }
 
@@ -596,16 +681,22 @@ func reviewNeeded(c openChange, m mergeResult) string {
 // against when it is not the stored snapshot (after a merge), kept with
 // the write if its outcome turns out unknown.
 func (a *applier) write(ctx context.Context, rr *resourceRun, live []openChange, st resourceState, fields, base map[string]any) response {
+	resp := a.do(ctx, a.writeRequest(rr, live, st, fields))
+	a.count(rr, live, resp, base)
+	return resp
+}
+
+// writeRequest is the update of fields against st: PATCH with just them,
+// or PUT of st's document with them applied, with st's ETag.
+func (a *applier) writeRequest(rr *resourceRun, live []openChange, st resourceState, fields map[string]any) request {
 	body := fields
 	if a.t.UpdateMethod == http.MethodPut {
 		body = applyFields(st.snapshot, fields)
 	}
-	resp := a.do(ctx, request{
+	return request{
 		method: a.t.UpdateMethod, resourceID: rr.id, url: a.r.itemURL(rr.id), changeIDs: changeIDs(live),
 		ifMatch: st.etag, body: body, idemKey: true,
-	})
-	a.count(rr, live, resp, base)
-	return resp
+	}
 }
 
 // succeed records a successful write. With merge decisions, each change

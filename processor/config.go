@@ -65,7 +65,8 @@ type TargetConfig struct {
 	// GET path?ids=a,b,c&fields=id,etag with [{"id":…,"etag":…}].
 	BatchETagPath string `yaml:"batch_etag_path"`
 	// BatchSize is the most resources per job and per batch ETag request.
-	// Defaults to 100.
+	// Defaults to 100 (a lookup's URL stays short, and a backlog spreads
+	// over several jobs' database sessions).
 	BatchSize int `yaml:"batch_size"`
 	// ConflictStatuses are the statuses that mean "ETag mismatch".
 	// Defaults to [409, 412].
@@ -74,10 +75,24 @@ type TargetConfig struct {
 	// The value is never written to the database, logs or errors.
 	Auth *AuthConfig `yaml:"auth"`
 	// Concurrency is the most requests in flight to this target per
-	// process. Defaults to 8.
+	// process: the ceiling of the adaptive in-flight limit. That limit
+	// starts at 16 (or Concurrency, if lower) and, like TCP's slow start,
+	// doubles every round trip while the remote answers well and requests
+	// wait; a 429 or 503 halves it and from then on it grows by one a
+	// second; a 5xx or a failed exchange stops the fast growth; after 5s
+	// without a request in flight it starts at 16 again. Defaults to 128:
+	// the seed workload (500 changes, a 20 ms remote) needs about that many
+	// in flight to finish in a quarter of a second, and the limit only
+	// gets there while the remote keeps answering in time. Set a remote's
+	// documented limit here (e.g. 8) to never exceed it.
 	Concurrency int `yaml:"concurrency"`
 	// Workers is the most jobs of this target run at once per process;
-	// each holds one database connection. Defaults to 4.
+	// each holds one database connection (the session holding its
+	// resources' locks, through which its requests' outbox rows and
+	// results are written). Defaults to 8: a claim of the seed workload
+	// (500 resources, BatchSize 100) runs as five jobs at once, and jobs
+	// share the target's in-flight limit, so more workers add database
+	// sessions, not requests.
 	Workers int `yaml:"workers"`
 	// RateLimit is requests per second to this target from all live
 	// processes together; each takes an equal share. 0 means unlimited.
@@ -421,11 +436,11 @@ func (t *TargetConfig) validate(getenv func(string) string) []keyError {
 			bad("auth.header", "is not a valid header name")
 		}
 	}
-	defaultInt(&t.Concurrency, 8)
+	defaultInt(&t.Concurrency, 128)
 	if t.Concurrency < 1 || t.Concurrency > 1024 {
 		bad("concurrency", "must be between 1 and 1024")
 	}
-	defaultInt(&t.Workers, 4)
+	defaultInt(&t.Workers, 8)
 	if t.Workers < 1 || t.Workers > 256 {
 		bad("workers", "must be between 1 and 256")
 	}

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"math"
 	"net/http"
+	"slices"
 	"sync"
 	"time"
 
@@ -23,9 +24,16 @@ import (
 //     stagesync.targets (throttle.go). A paused gate refuses at once with
 //     a *pausedError instead of waiting, so no worker sleeps: the caller
 //     schedules the resource for the pause's end, and nothing was sent.
-//   - The adaptive in-flight limit (AIMD): it starts at the target's
-//     concurrency, halves on a 429 or 503 (not below 1) and grows by one
-//     per aimdWindow without one, never above concurrency.
+//   - The adaptive in-flight limit. It starts at initialLimit (or the
+//     target's concurrency, if lower) and, like TCP's slow start, grows by
+//     one for each good answer while requests wait for a slot: it doubles
+//     every round trip while the remote keeps up, up to concurrency. A 429
+//     or 503 halves it (not below 1) and ends the fast growth; from then
+//     on it grows by one per aimdWindow without one (AIMD), never above
+//     concurrency. A 5xx or a failed exchange ends the fast growth without
+//     a cut, and the limit grows only a whole aimdWindow after the last. After idleRestart with nothing in flight it starts again from
+//     initialLimit, so a burst after a quiet spell is not sent at the old
+//     limit at once. Waiting requests get slots in arrival order.
 //   - This process's share of the target's rate limit: rate_limit divided
 //     by the live processes serving the target (throttle.go keeps it
 //     current).
@@ -37,13 +45,23 @@ type gate struct {
 	now func() time.Time
 
 	mu       sync.Mutex
-	limit    int // the AIMD in-flight limit
+	limit    int // the adaptive in-flight limit
 	inflight int
-	// changed is closed (and replaced) when a slot frees, the limit grows
-	// or a pause starts, waking the requests waiting for a slot.
-	changed chan struct{}
-	// epoch starts the current growth window: the last throttling answer.
-	// The limit grows by one for each whole aimdWindow since then (or
+	// waiters are the requests waiting for a slot, oldest first. A slot
+	// goes to the oldest (one wake-up per slot, not one per waiter); a
+	// pause wakes them all to be refused.
+	waiters []*slotWaiter
+	// ssthresh ends the fast growth: below it the limit grows by one per
+	// good answer, from it by one per aimdWindow. It starts at
+	// concurrency; a throttling answer sets it to the halved limit, a
+	// failure to the current one.
+	ssthresh int
+	// idleSince is when the last request in flight was answered (zero
+	// while requests are in flight).
+	idleSince time.Time
+	// epoch starts the current growth window: the last throttling answer
+	// or failure (or the end of the fast growth). Once the limit is at
+	// ssthresh it grows by one for each whole aimdWindow since then (or
 	// since the pause ended, if later).
 	epoch time.Time
 	// lastCut is when the limit was last halved. A throttling answer to a
@@ -74,16 +92,35 @@ const aimdWindow = time.Second
 // maxPause bounds a pause, whatever Retry-After says.
 const maxPause = time.Hour
 
+// initialLimit is where the in-flight limit starts (and starts again after
+// idleRestart): what stagesync used to send at once by default, a load
+// any API that accepts concurrent clients takes. With a good answer per
+// request it doubles every round trip: 16, 32, 64, 128 in flight within
+// four round trips.
+const initialLimit = 16
+
+// idleRestart is how long the target must go without a request in flight
+// before the limit starts again from initialLimit: the remote's capacity
+// seen before a quiet spell is old news.
+const idleRestart = 5 * time.Second
+
 func newGate(t *TargetConfig) *gate {
 	g := &gate{
-		t:       t,
-		now:     time.Now,
-		limit:   t.Concurrency,
-		changed: make(chan struct{}),
-		logger:  slog.New(slog.NewTextHandler(io.Discard, nil)),
+		t:        t,
+		now:      time.Now,
+		limit:    min(initialLimit, t.Concurrency),
+		ssthresh: t.Concurrency,
+		logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
 	}
 	g.setShare(t.RateLimit)
 	return g
+}
+
+// slotWaiter is a request waiting for an in-flight slot. ready is closed
+// when it was given one (granted) or must look again (a pause began).
+type slotWaiter struct {
+	ready   chan struct{}
+	granted bool
 }
 
 // attach gives the gate the process's logger, metrics and pause sharing.
@@ -122,27 +159,10 @@ func pausedBy(resp response) *pausedError {
 // ctx ends (or its deadline comes before the rate limiter would admit the
 // request).
 func (g *gate) acquire(ctx context.Context) (release func(response), err error) {
-	for {
-		g.mu.Lock()
-		now := g.now()
-		if p := g.pausedLocked(now); p != nil {
-			g.mu.Unlock()
-			g.metrics.observeRefused(g.t.Name)
-			return nil, p
-		}
-		g.growLocked(now)
-		if g.inflight < g.limit {
-			g.inflight++
-			break
-		}
-		wait := g.changed
-		g.mu.Unlock()
-		select {
-		case <-wait:
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
+	if err := g.takeSlot(ctx); err != nil {
+		return nil, err
 	}
+	g.mu.Lock()
 	start := g.now()
 	lim := g.limiter
 	g.mu.Unlock()
@@ -180,6 +200,96 @@ func (g *gate) acquire(ctx context.Context) (release func(response), err error) 
 	return release, nil
 }
 
+// takeSlot waits for an in-flight slot, in arrival order. It fails with a
+// *pausedError while the target is paused, or when ctx ends.
+func (g *gate) takeSlot(ctx context.Context) error {
+	for {
+		g.mu.Lock()
+		now := g.now()
+		if p := g.pausedLocked(now); p != nil {
+			g.mu.Unlock()
+			g.metrics.observeRefused(g.t.Name)
+			return p
+		}
+		g.restartIfIdleLocked(now)
+		g.growLocked(now)
+		if len(g.waiters) == 0 && g.inflight < g.limit {
+			g.inflight++
+			g.idleSince = time.Time{}
+			g.mu.Unlock()
+			return nil
+		}
+		w := &slotWaiter{ready: make(chan struct{})}
+		g.waiters = append(g.waiters, w)
+		g.mu.Unlock()
+		select {
+		case <-w.ready:
+			if w.granted {
+				return nil
+			}
+			// A pause began: look again (and be refused).
+		case <-ctx.Done():
+			g.mu.Lock()
+			if w.granted {
+				// Given a slot just as ctx ended: pass it on.
+				g.inflight--
+				g.grantLocked()
+			} else if i := slices.Index(g.waiters, w); i >= 0 {
+				g.waiters = slices.Delete(g.waiters, i, i+1)
+			}
+			g.mu.Unlock()
+			return ctx.Err()
+		}
+	}
+}
+
+// grantLocked hands free slots to the oldest waiters.
+func (g *gate) grantLocked() {
+	for len(g.waiters) > 0 && g.inflight < g.limit {
+		w := g.waiters[0]
+		g.waiters[0] = nil
+		g.waiters = g.waiters[1:]
+		g.inflight++
+		g.idleSince = time.Time{}
+		w.granted = true
+		close(w.ready)
+	}
+}
+
+// wakeAllLocked sends every waiter back to look again (a pause began).
+func (g *gate) wakeAllLocked() {
+	for _, w := range g.waiters {
+		close(w.ready)
+	}
+	g.waiters = nil
+}
+
+// restartIfIdleLocked starts the limit again from initialLimit after
+// idleRestart without a request in flight. The fast growth may take it
+// back to where it was (or to concurrency, if it was never throttled).
+func (g *gate) restartIfIdleLocked(now time.Time) {
+	start := min(initialLimit, g.t.Concurrency)
+	if g.inflight > 0 || g.idleSince.IsZero() || now.Sub(g.idleSince) < idleRestart || g.limit <= start {
+		return
+	}
+	g.ssthresh = max(g.ssthresh, g.limit)
+	g.limit = start
+	g.idleSince = now
+	g.metrics.setInflightLimit(g.t.Name, g.limit)
+}
+
+// pausedNow returns the pause in force, or nil: a request admitted
+// before a pause began must not leave during it.
+func (g *gate) pausedNow() *pausedError {
+	g.mu.Lock()
+	p := g.pausedLocked(g.now())
+	g.mu.Unlock()
+	if p != nil {
+		g.metrics.observeRefused(g.t.Name)
+	}
+	return p
+}
+
 func (g *gate) pausedLocked(now time.Time) *pausedError {
 	if now.Before(g.pausedUntil) {
 		return &pausedError{until: g.pausedUntil, reason: g.pauseReason}
@@ -187,9 +297,10 @@ func (g *gate) pausedLocked(now time.Time) *pausedError {
 	return nil
 }
 
-// growLocked adds one to the limit per whole aimdWindow without throttling.
+// growLocked adds one to the limit per whole aimdWindow without throttling,
+// once the fast growth has ended (the limit is at ssthresh).
 func (g *gate) growLocked(now time.Time) {
-	if g.limit >= g.t.Concurrency {
+	if g.limit >= g.t.Concurrency || g.limit < g.ssthresh {
 		return
 	}
 	from := g.epoch
@@ -203,12 +314,21 @@ func (g *gate) growLocked(now time.Time) {
 	g.limit = min(g.t.Concurrency, g.limit+n)
 	g.epoch = from.Add(time.Duration(n) * aimdWindow)
 	g.metrics.setInflightLimit(g.t.Name, g.limit)
-	g.wakeLocked()
+	g.grantLocked()
 }
 
-func (g *gate) wakeLocked() {
-	close(g.changed)
-	g.changed = make(chan struct{})
+// slowStartLocked grows the limit by one for a good answer while it is
+// what holds requests back (some wait, or at least half the slots are in
+// use): one round trip of good answers doubles it, up to ssthresh.
+func (g *gate) slowStartLocked(now time.Time) {
+	if g.limit >= g.ssthresh || (len(g.waiters) == 0 && g.inflight < g.limit/2) {
+		return
+	}
+	g.limit++
+	if g.limit >= g.ssthresh {
+		g.epoch = now // slower growth from here
+	}
+	g.metrics.setInflightLimit(g.t.Name, g.limit)
 }
 
 // release gives back a slot and observes the answer of the request sent
@@ -216,22 +336,25 @@ func (g *gate) wakeLocked() {
 // answer updates the target's health.
 func (g *gate) release(ctx context.Context, start time.Time, resp response) {
 	g.mu.Lock()
-	g.inflight--
-	g.wakeLocked()
+	now := g.now()
 	if resp.notSent {
+		g.inflight--
+		g.idleLocked(now)
+		g.grantLocked()
 		g.mu.Unlock()
 		return
 	}
-	now := g.now()
 	var (
 		paused bool
 		pause  time.Duration
 		reason string
 	)
-	if throttling(resp.status) {
+	switch {
+	case throttling(resp.status):
 		g.epoch = now
 		if start.After(g.lastCut) {
 			g.limit = max(1, g.limit/2)
+			g.ssthresh = g.limit
 			g.lastCut = now
 			g.throttles++
 			g.metrics.setInflightLimit(g.t.Name, g.limit)
@@ -239,11 +362,21 @@ func (g *gate) release(ctx context.Context, start time.Time, resp response) {
 		pause, reason = g.pauseFor(resp)
 		if until := now.Add(pause); until.After(g.pausedUntil) {
 			g.pausedUntil, g.pauseReason, paused = until, reason, true
-			g.wakeLocked()
+			g.wakeAllLocked()
 		}
-	} else if resp.status != 0 && !targetFailure(resp) {
+	case resp.status == 0 || resp.status >= 500 || resp.status == http.StatusRequestTimeout:
+		// The remote struggles: no growth while it does (no cut either;
+		// only throttling answers ask for one).
+		g.ssthresh, g.epoch = min(g.ssthresh, g.limit), now
+	default:
+		g.slowStartLocked(now)
+	}
+	if resp.status != 0 && !throttling(resp.status) && !targetFailure(resp) {
 		g.throttles = 0
 	}
+	g.inflight--
+	g.idleLocked(now)
+	g.grantLocked()
 	line := g.health.observe(now, resp, g.t)
 	onPause, logger := g.onPause, g.logger
 	g.mu.Unlock()
@@ -255,6 +388,13 @@ func (g *gate) release(ctx context.Context, start time.Time, resp response) {
 		}
 	}
 	line.log(ctx, logger, g.t.Name)
+}
+
+// idleLocked notes when the last request in flight was answered.
+func (g *gate) idleLocked(now time.Time) {
+	if g.inflight == 0 {
+		g.idleSince = now
+	}
 }
 
 // pauseFor is how long a throttling answer pauses the target: Retry-After
@@ -281,7 +421,7 @@ func (g *gate) pauseFromPeer(until time.Time, reason string) {
 	defer g.mu.Unlock()
 	if until.After(g.pausedUntil) {
 		g.pausedUntil, g.pauseReason = until, reason
-		g.wakeLocked()
+		g.wakeAllLocked()
 	}
 }
 

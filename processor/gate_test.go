@@ -214,3 +214,137 @@ func TestGiveUpAfterDefaultsAndIsValidated(t *testing.T) {
 	_, err = ParseConfig([]byte(base+"    give_up_after: 10ms\n"), func(string) string { return "" })
 	require.ErrorContains(t, err, "targets.territory.give_up_after: must be at least 1s")
 }
+
+// Slow start: the limit starts at initialLimit and grows by one per good
+// answer while requests wait, so a round trip of answers doubles it, up to
+// concurrency; without waiting requests it does not grow.
+func TestGateSlowStartDoublesPerRoundTripUpToConcurrency(t *testing.T) {
+	t.Parallel()
+	g, _ := newTestGate(t, testTarget(40))
+	require.Equal(t, initialLimit, g.state().limit, "first limit: got %d; want %d", g.state().limit, initialLimit)
+
+	// One request at a time: no pressure, no growth.
+	for range 50 {
+		rel, err := g.acquire(t.Context())
+		require.NoError(t, err)
+		rel(response{status: http.StatusOK})
+	}
+	require.Equal(t, initialLimit, g.state().limit, "limit after 50 lone requests: got %d; want %d (no growth without pressure)", g.state().limit, initialLimit)
+
+	// A backlog: every slot in use and more waiting.
+	var releases []func(response)
+	for range initialLimit {
+		rel, err := g.acquire(t.Context())
+		require.NoError(t, err)
+		releases = append(releases, rel)
+	}
+	waiting := make(chan func(response), 100)
+	for range 100 {
+		go func() {
+			rel, err := g.acquire(t.Context())
+			if err == nil {
+				waiting <- rel
+			}
+		}()
+	}
+	require.Eventually(t, func() bool { g.mu.Lock(); defer g.mu.Unlock(); return len(g.waiters) == 100 }, 5*time.Second, time.Millisecond)
+	for _, rel := range releases {
+		rel(response{status: http.StatusOK})
+	}
+	require.Equal(t, 2*initialLimit, g.state().limit, "limit after one round trip of good answers: got %d; want %d", g.state().limit, 2*initialLimit)
+	for range 2 * initialLimit {
+		(<-waiting)(response{status: http.StatusPreconditionFailed}) // a conflict is a good answer too
+	}
+	require.Equal(t, 40, g.state().limit, "limit after two round trips: got %d; want concurrency 40", g.state().limit)
+	for len(waiting) > 0 || func() bool { g.mu.Lock(); defer g.mu.Unlock(); return g.inflight > 0 }() {
+		select {
+		case rel := <-waiting:
+			rel(response{status: http.StatusOK})
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	require.Equal(t, 40, g.state().limit, "limit: got %d; want never above concurrency", g.state().limit)
+}
+
+// A 5xx or a failed exchange ends the fast growth (no cut); from then on
+// the limit grows by one per window, as after throttling.
+func TestGateFailureEndsSlowStart(t *testing.T) {
+	t.Parallel()
+	g, clock := newTestGate(t, testTarget(64))
+	var releases []func(response)
+	for range initialLimit {
+		rel, err := g.acquire(t.Context())
+		require.NoError(t, err)
+		releases = append(releases, rel)
+	}
+	releases[0](response{status: http.StatusInternalServerError})
+	for _, rel := range releases[1:] {
+		rel(response{status: http.StatusOK})
+	}
+	require.Equal(t, initialLimit, g.state().limit, "limit after a 500 and good answers: got %d; want %d (fast growth over, no cut)", g.state().limit, initialLimit)
+	clock.add(2 * time.Second)
+	require.Equal(t, initialLimit+2, g.state().limit, "limit two windows later: got %d; want %d", g.state().limit, initialLimit+2)
+}
+
+// After idleRestart without a request in flight the limit starts again
+// from initialLimit; the fast growth may take it back up.
+func TestGateRestartsFromTheInitialLimitAfterIdle(t *testing.T) {
+	t.Parallel()
+	g, clock := newTestGate(t, testTarget(64))
+	g.mu.Lock()
+	g.limit = 64
+	g.mu.Unlock()
+	rel, err := g.acquire(t.Context())
+	require.NoError(t, err)
+	rel(response{status: http.StatusOK})
+	clock.add(idleRestart - time.Millisecond)
+	rel, err = g.acquire(t.Context())
+	require.NoError(t, err)
+	require.Equal(t, 64, g.state().limit, "limit after a short pause: got %d; want 64", g.state().limit)
+	rel(response{status: http.StatusOK})
+	clock.add(idleRestart)
+	rel, err = g.acquire(t.Context())
+	require.NoError(t, err)
+	rel(response{status: http.StatusOK})
+	require.Equal(t, initialLimit, g.state().limit, "limit after %s idle: got %d; want %d", idleRestart, g.state().limit, initialLimit)
+}
+
+// Waiting requests get slots in arrival order, and a pause that begins
+// while they wait refuses them all.
+func TestGateGrantsSlotsInArrivalOrderAndAPauseRefusesWaiters(t *testing.T) {
+	t.Parallel()
+	g, _ := newTestGate(t, testTarget(1))
+	rel, err := g.acquire(t.Context())
+	require.NoError(t, err)
+	order := make(chan int, 3)
+	for i := range 3 {
+		go func() {
+			r, err := g.acquire(t.Context())
+			if err == nil {
+				order <- i
+				r(response{status: http.StatusOK})
+			}
+		}()
+		require.Eventually(t, func() bool { g.mu.Lock(); defer g.mu.Unlock(); return len(g.waiters) == i+1 }, 5*time.Second, time.Millisecond)
+	}
+	rel(response{status: http.StatusOK})
+	for want := range 3 {
+		require.Equal(t, want, <-order, "slot order: got another; want arrival order")
+	}
+
+	rel, err = g.acquire(t.Context())
+	require.NoError(t, err)
+	refused := make(chan error, 2)
+	for range 2 {
+		go func() {
+			_, err := g.acquire(t.Context())
+			refused <- err
+		}()
+	}
+	require.Eventually(t, func() bool { g.mu.Lock(); defer g.mu.Unlock(); return len(g.waiters) == 2 }, 5*time.Second, time.Millisecond)
+	rel(response{status: http.StatusTooManyRequests, retryAfter: time.Minute})
+	for range 2 {
+		var p *pausedError
+		require.ErrorAs(t, <-refused, &p, "a waiter when the pause began: got another error; want a *pausedError")
+	}
+}

@@ -154,12 +154,7 @@ type verification struct {
 // to apply and whether to go on.
 func (a *applier) resolveInDoubt(ctx context.Context, rr *resourceRun, live []openChange) ([]openChange, bool) {
 	d := rr.inDoubt
-	var open []openChange
-	for _, c := range live {
-		if slices.Contains(d.ChangeIDs, c.id) {
-			open = append(open, c)
-		}
-	}
+	open := d.carried(live)
 	if len(open) > 0 && d.Method != "" {
 		resp := a.do(ctx, d.request(rr.id))
 		a.count(rr, open, resp, d.Base)
@@ -227,6 +222,17 @@ func (a *applier) resolveInDoubt(ctx context.Context, rr *resourceRun, live []op
 		rr.verify = &verification{doubt: d, base: prior, cur: cur}
 	}
 	return live, true
+}
+
+// carried returns the changes of live that the in-doubt write carried.
+func (w *inDoubtWrite) carried(live []openChange) []openChange {
+	var open []openChange
+	for _, c := range live {
+		if slices.Contains(w.ChangeIDs, c.id) {
+			open = append(open, c)
+		}
+	}
+	return open
 }
 
 // without returns live minus the changes in done.

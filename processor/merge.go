@@ -30,6 +30,11 @@ const (
 	KeptTheirs   Decision = "kept_theirs"
 	AlreadyEqual Decision = "already_equal"
 	NeedsReview  Decision = "needs_review"
+	// TookOursUnread: written again at once after a conflict, with the
+	// ETag the conflict answer carried, without reading the remote: every
+	// field to write had policy ours, so its value could not change the
+	// decision (applier.rewriteUnread). The merges row has no theirs.
+	TookOursUnread Decision = "took_ours_unread"
 )
 
 // mergeBase is what stagesync knew of the remote's representation when the

@@ -8,6 +8,7 @@ import (
 	"maps"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -18,9 +19,169 @@ import (
 	"github.com/stagesync/stagesync/db"
 )
 
-// record writes one round's results in one transaction: attempts, merges,
-// resource state, change states, retry jobs, and the deletion of the
-// round's durable intents. If that transaction fails, each resource is
+// recorder records a job's resources as they finish, in flushes: one
+// transaction (one pipelined round trip, see recordRuns) for every
+// resource finished since the last. A flush starts flushLinger after the
+// first resource waiting for it finished, or at once when none of the
+// round's resources is still working; resources finishing while it
+// commits wait for the next. So a change's terminal state waits a few
+// milliseconds for its neighbours, never for the slowest resource of the
+// job, and the job's lock session (which its requests' outbox rows also
+// need) carries one recording statement per flush, not one per resource.
+type recorder struct {
+	p     *Processor
+	sc    *sessionConn
+	t     *TargetConfig
+	jobID int64
+
+	mu       sync.Mutex
+	queue    []*resourceRun
+	since    time.Time // when the oldest queued resource finished
+	working  int       // resources of the round not finished yet
+	settled  chan struct{}
+	flushing bool
+	err      error
+}
+
+// flushLinger is how long a finished resource may wait for others to share
+// its flush.
+const flushLinger = 5 * time.Millisecond
+
+// maxFlush bounds the resources of one flush.
+const maxFlush = 1000
+
+// start begins a round of n resources.
+func (r *recorder) start(n int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.working = n
+	r.settled = make(chan struct{})
+}
+
+// add queues a finished run. Unless a flush is under way, the caller
+// becomes the flusher: it flushes the queue, and what arrives meanwhile,
+// itself. After an error nothing more is recorded: the job fails and its
+// outbox rows tell the next worker what was sent.
+func (r *recorder) add(ctx context.Context, rr *resourceRun) {
+	r.mu.Lock()
+	if len(r.queue) == 0 {
+		r.since = time.Now()
+	}
+	r.queue = append(r.queue, rr)
+	if r.working--; r.working == 0 {
+		close(r.settled)
+	}
+	if r.flushing || r.err != nil {
+		r.mu.Unlock()
+		return
+	}
+	r.flushing = true
+	for len(r.queue) > 0 && r.err == nil {
+		if wait := flushLinger - time.Since(r.since); r.working > 0 && len(r.queue) < maxFlush && wait > 0 {
+			settled := r.settled
+			r.mu.Unlock()
+			timer := time.NewTimer(wait)
+			select {
+			case <-timer.C:
+			case <-settled:
+				timer.Stop()
+			}
+			r.mu.Lock()
+		}
+		n := min(len(r.queue), maxFlush)
+		batch := r.queue[:n:n]
+		r.queue = r.queue[n:]
+		r.since = time.Now()
+		r.mu.Unlock()
+		err := r.flush(ctx, batch)
+		r.mu.Lock()
+		r.err = err
+	}
+	r.flushing = false
+	r.mu.Unlock()
+}
+
+// flush records runs in one transaction on the job's lock session. The
+// remote has answered: it records even if the job is being cancelled, or a
+// retry would repeat requests already made.
+func (r *recorder) flush(ctx context.Context, runs []*resourceRun) error {
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	r.sc.mu.Lock()
+	defer r.sc.mu.Unlock()
+	return r.p.record(rctx, r.sc.conn, r.t, r.jobID, runs)
+}
+
+// failed returns the error that stopped the recording, if any.
+func (r *recorder) failed() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.err
+}
+
+// sessionConn is a job's lock session shared by its outbox and its
+// recorder: a connection runs one statement at a time, so each use holds
+// mu (a transaction holds it throughout).
+type sessionConn struct {
+	mu   sync.Mutex
+	conn *pgxpool.Conn
+}
+
+// Exec implements db.DBTX.
+func (s *sessionConn) Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.conn.Exec(ctx, sql, args...)
+}
+
+// Query implements db.DBTX; the session is held until the rows are
+// closed.
+func (s *sessionConn) Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error) {
+	s.mu.Lock()
+	rows, err := s.conn.Query(ctx, sql, args...)
+	if err != nil {
+		s.mu.Unlock()
+		return rows, err
+	}
+	return &sessionRows{Rows: rows, unlock: sync.OnceFunc(s.mu.Unlock)}, nil
+}
+
+// QueryRow implements db.DBTX; the session is held until Scan.
+func (s *sessionConn) QueryRow(ctx context.Context, sql string, args ...any) pgx.Row {
+	s.mu.Lock()
+	return sessionRow{row: s.conn.QueryRow(ctx, sql, args...), unlock: s.mu.Unlock}
+}
+
+// CopyFrom implements db.DBTX.
+func (s *sessionConn) CopyFrom(ctx context.Context, table pgx.Identifier, columns []string, src pgx.CopyFromSource) (int64, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.conn.CopyFrom(ctx, table, columns, src)
+}
+
+type sessionRows struct {
+	pgx.Rows
+	unlock func()
+}
+
+func (r *sessionRows) Close() {
+	r.Rows.Close()
+	r.unlock()
+}
+
+type sessionRow struct {
+	row    pgx.Row
+	unlock func()
+}
+
+func (r sessionRow) Scan(dest ...any) error {
+	defer r.unlock()
+	return r.row.Scan(dest...)
+}
+
+// record writes the results of finished resources in one transaction:
+// attempts, merges, resource state, change states, retry jobs, and the
+// deletion of their requests' durable intents. If that transaction fails, each resource is
 // recorded alone, so an answer PostgreSQL can't take costs only its own
 // resource (see recordUnrecordable).
 func (p *Processor) record(ctx context.Context, conn *pgxpool.Conn, t *TargetConfig, jobID int64, runs []*resourceRun) error {
@@ -112,46 +273,47 @@ func (p *Processor) recordRuns(ctx context.Context, conn *pgxpool.Conn, t *Targe
 	jobs := retryJobs(t, retries, time.Now())
 	envs := batchEnvelopes(sent...)
 
+	// Every statement is queued in one pipelined batch: one round trip.
+	// Sent alone, the batch runs as one implicit transaction; with retry
+	// jobs to schedule, it runs inside an explicit one with River's insert.
+	var pl pipeline
+	var err error
+	if len(envs) > 0 {
+		err = errors.Join(err, p.q.BatchRequestsInsert(ctx, &pl, batchParams(t.Name, envs)))
+	}
+	if len(attempts) > 0 {
+		err = errors.Join(err, p.q.AttemptsInsertMany(ctx, &pl, attemptsMany(t.Name, jobID, attempts)))
+	}
+	if len(outboxIDs) > 0 {
+		err = errors.Join(err, p.q.OutboxDelete(ctx, &pl, outboxIDs))
+	}
+	if len(merges) > 0 {
+		err = errors.Join(err, p.q.MergesInsertMany(ctx, &pl, mergesMany(t.Name, merges)))
+	}
+	if len(resources.ResourceIDs) > 0 {
+		err = errors.Join(err, p.q.ResourcesUpsert(ctx, &pl, resources))
+	}
+	if len(changes.IDs) > 0 {
+		err = errors.Join(err, p.q.ChangesRecord(ctx, &pl, changes))
+	}
+	if err != nil {
+		return fmt.Errorf("queue the recording of %d resources: %w", len(runs), err)
+	}
 	var inserted []*rivertype.JobInsertResult
-	err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-		var err error
-		if len(envs) > 0 {
-			if err := p.q.BatchRequestsInsert(ctx, tx, batchParams(t.Name, envs)); err != nil {
-				return fmt.Errorf("insert batch requests: %w", err)
+	if len(jobs) == 0 {
+		err = pl.send(ctx, conn)
+	} else {
+		err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+			if err := pl.send(ctx, tx); err != nil {
+				return err
 			}
-		}
-		if len(attempts) > 0 {
-			if _, err := p.q.AttemptsInsert(ctx, tx, attempts); err != nil {
-				return fmt.Errorf("insert attempts: %w", err)
-			}
-		}
-		if len(outboxIDs) > 0 {
-			if err := p.q.OutboxDelete(ctx, tx, outboxIDs); err != nil {
-				return fmt.Errorf("delete recorded intents: %w", err)
-			}
-		}
-		if len(merges) > 0 {
-			if _, err := p.q.MergesInsert(ctx, tx, merges); err != nil {
-				return fmt.Errorf("insert merges: %w", err)
-			}
-		}
-		if len(resources.ResourceIDs) > 0 {
-			if err := p.q.ResourcesUpsert(ctx, tx, resources); err != nil {
-				return fmt.Errorf("store resources: %w", err)
-			}
-		}
-		if len(changes.IDs) > 0 {
-			if err := p.q.ChangesRecord(ctx, tx, changes); err != nil {
-				return fmt.Errorf("record change states: %w", err)
-			}
-		}
-		if len(jobs) > 0 {
+			var err error
 			if inserted, err = p.client.InsertManyTx(ctx, tx, jobs); err != nil {
 				return fmt.Errorf("schedule retries: %w", err)
 			}
-		}
-		return nil
-	})
+			return nil
+		})
+	}
 	if err != nil {
 		return fmt.Errorf("record results of %d resources: %w", len(runs), err)
 	}
@@ -197,6 +359,98 @@ func settledVersions(rr *resourceRun) (map[string]int64, bool) {
 		}
 	}
 	return versions, moved
+}
+
+// pipeline queues the :exec statements sqlc generates into one pgx.Batch
+// instead of running them, so that several named queries travel in one
+// round trip. Only Exec can be queued: a statement whose result is read
+// can't wait for the batch.
+type pipeline struct{ b pgx.Batch }
+
+var errNotPipelined = errors.New("only statements without results can be pipelined")
+
+// Exec implements db.DBTX by queueing the statement.
+func (pl *pipeline) Exec(_ context.Context, sql string, args ...any) (pgconn.CommandTag, error) {
+	pl.b.Queue(sql, args...)
+	return pgconn.CommandTag{}, nil
+}
+
+// Query implements db.DBTX; it can't be pipelined.
+func (pl *pipeline) Query(context.Context, string, ...any) (pgx.Rows, error) {
+	return nil, errNotPipelined
+}
+
+// QueryRow implements db.DBTX; it can't be pipelined.
+func (pl *pipeline) QueryRow(context.Context, string, ...any) pgx.Row { return errRow{} }
+
+// CopyFrom implements db.DBTX; it can't be pipelined.
+func (pl *pipeline) CopyFrom(context.Context, pgx.Identifier, []string, pgx.CopyFromSource) (int64, error) {
+	return 0, errNotPipelined
+}
+
+type errRow struct{}
+
+func (errRow) Scan(...any) error { return errNotPipelined }
+
+// send runs the queued statements in one round trip and returns the first
+// error. Outside a transaction they form one implicit transaction: all or
+// nothing.
+func (pl *pipeline) send(ctx context.Context, conn interface {
+	SendBatch(context.Context, *pgx.Batch) pgx.BatchResults
+}) error {
+	if pl.b.Len() == 0 {
+		return nil
+	}
+	return conn.SendBatch(ctx, &pl.b).Close()
+}
+
+// attemptsMany turns attempts rows into the parallel arrays of
+// AttemptsInsertMany.
+func attemptsMany(target string, jobID int64, rows []db.AttemptsInsertParams) db.AttemptsInsertManyParams {
+	n := len(rows)
+	m := db.AttemptsInsertManyParams{
+		Target: target, JobID: jobID,
+		ResourceIDs: make([]string, n), ChangeIDs: make([]string, n), Methods: make([]string, n),
+		URLs: make([]string, n), IfMatches: make([]string, n), IfNoneMatches: make([]string, n), StatusCodes: make([]int32, n),
+		ResponseETags: make([]string, n), DurationsMs: make([]float64, n), Outcomes: make([]string, n),
+		Errors: make([]string, n), BatchIDs: make([]int64, n), CreatedAts: make([]time.Time, n),
+	}
+	for i, a := range rows {
+		m.ResourceIDs[i] = deref(a.ResourceID)
+		m.ChangeIDs[i] = int64Array(a.ChangeIDs)
+		m.Methods[i], m.URLs[i] = a.Method, a.URL
+		m.IfMatches[i], m.IfNoneMatches[i] = deref(a.IfMatch), deref(a.IfNoneMatch)
+		if a.StatusCode != nil {
+			m.StatusCodes[i] = *a.StatusCode
+		}
+		m.ResponseETags[i] = deref(a.ResponseETag)
+		m.DurationsMs[i], m.Outcomes[i] = a.DurationMs, a.Outcome
+		m.Errors[i] = deref(a.Error)
+		if a.BatchID != nil {
+			m.BatchIDs[i] = *a.BatchID
+		}
+		m.CreatedAts[i] = a.CreatedAt
+	}
+	return m
+}
+
+// mergesMany turns merges rows into the parallel arrays of
+// MergesInsertMany.
+func mergesMany(target string, rows []db.MergesInsertParams) db.MergesInsertManyParams {
+	n := len(rows)
+	m := db.MergesInsertManyParams{
+		Target:      target,
+		ResourceIDs: make([]string, n), ChangeIDs: make([]string, n), Bases: make([]string, n),
+		Ours: make([]string, n), Theirs: make([]string, n), Results: make([]string, n),
+		Decisions: make([]string, n), Outcomes: make([]string, n), CreatedAts: make([]time.Time, n),
+	}
+	for i, r := range rows {
+		m.ResourceIDs[i], m.ChangeIDs[i] = r.ResourceID, int64Array(r.ChangeIDs)
+		m.Bases[i], m.Ours[i], m.Theirs[i] = string(r.Base), string(r.Ours), string(r.Theirs)
+		m.Results[i], m.Decisions[i] = string(r.Result), string(r.Decisions)
+		m.Outcomes[i], m.CreatedAts[i] = r.Outcome, r.CreatedAt
+	}
+	return m
 }
 
 // recordUnrecordable records what it can of a resource whose results the

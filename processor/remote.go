@@ -161,6 +161,13 @@ func (r *remote) do(ctx context.Context, req request) response {
 		release(resp)
 		return resp
 	}
+	if p := r.gate.pausedNow(); p != nil {
+		// The target was paused while the intent was written: nothing
+		// leaves before the pause ends. The row is deleted with the round.
+		resp := response{notSent: true, err: p, req: req, outboxID: id}
+		release(resp)
+		return resp
+	}
 	resp := r.send(ctx, req)
 	resp.outboxID = id
 	release(resp) // the gate observes the answer: pauses, AIMD, health

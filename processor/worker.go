@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net/http"
 	"runtime/debug"
 	"slices"
 	"strings"
@@ -13,7 +14,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/riverqueue/river"
 
 	"github.com/stagesync/stagesync/db"
@@ -62,15 +62,17 @@ type applyWorker struct {
 const sweepEvery = 5 * time.Second
 
 // Timeout allows every resource of the job a few requests' worth of the
-// target's timeout at its concurrency, plus slack for the database, but
-// ends well before RescueAfter. A job that times out records what it did and
+// target's timeout at its share of the concurrency (the workers' jobs share
+// the target's in-flight limit), plus slack for the database, but ends
+// well before RescueAfter. A job that times out records what it did and
 // leaves the rest to a follow-up job.
 func (w *applyWorker) Timeout(job *river.Job[ApplyArgs]) time.Duration {
 	t := w.p.cfg.Targets[job.Args.Target]
 	if t == nil {
 		return time.Minute
 	}
-	waves := (len(job.Args.ResourceIDs) + t.Concurrency - 1) / t.Concurrency
+	share := max(1, t.Concurrency/t.Workers)
+	waves := (len(job.Args.ResourceIDs) + share - 1) / share
 	rescue := w.p.cfg.Dispatch.RescueAfter.D()
 	// Room below RescueAfter for recording after a timeout (up to 30s), so
 	// River never rescues a job that is still finishing.
@@ -78,7 +80,8 @@ func (w *applyWorker) Timeout(job *river.Job[ApplyArgs]) time.Duration {
 }
 
 // Work serializes on the resources with advisory locks, applies their open
-// changes and records everything in one transaction per round. When its
+// changes and records each resource as it finishes (group committed with
+// the others finishing meanwhile: one transaction per flush). When its
 // last attempt fails (an error or a panic), River gives the job up: its
 // resources' processing changes end dead with the error rather than wait
 // for a job that will never come.
@@ -206,8 +209,11 @@ func (w *applyWorker) work(ctx context.Context, job *river.Job[ApplyArgs]) error
 	}
 
 	// Requests are made durable through this connection, the session that
-	// holds the locks: one whose session ended can send nothing.
-	a := &applier{t: t, r: p.remotes[t.Name], now: time.Now, outbox: newOutbox(conn), jobID: job.ID}
+	// holds the locks: one whose session ended can send nothing. The
+	// outbox and the recorder share it, one statement at a time.
+	sc := &sessionConn{conn: conn}
+	a := &applier{t: t, r: p.remotes[t.Name], now: time.Now, outbox: newOutbox(sc), jobID: job.ID}
+	rec := &recorder{p: p, sc: sc, t: t, jobID: job.ID}
 	todo := locked
 	for round := 0; len(todo) > 0; round++ {
 		if round == maxRounds || ctx.Err() != nil {
@@ -227,17 +233,19 @@ func (w *applyWorker) work(ctx context.Context, job *river.Job[ApplyArgs]) error
 		// doubt (loadRuns found its outbox row): such a resource gets no
 		// batch lookup, whose fresh ETag would hide that write.
 		p.prefetchETags(ctx, a, runs)
+		// Each resource is recorded soon after it is done, with the others
+		// finishing meanwhile (see recorder), so a change's terminal state
+		// does not wait for the slowest resource of the job.
+		rec.start(len(runs))
 		var wg sync.WaitGroup
 		for _, rr := range runs {
-			wg.Go(func() { a.run(ctx, rr) })
+			wg.Go(func() {
+				a.run(ctx, rr)
+				rec.add(ctx, rr)
+			})
 		}
 		wg.Wait()
-		// The remote has answered: record it even if the job is being
-		// cancelled, or a retry would repeat requests already made.
-		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
-		err = p.record(rctx, conn, t, job.ID, runs)
-		cancel()
-		if err != nil {
+		if err := rec.failed(); err != nil {
 			p.metrics.observeJob(t.Name, "error")
 			return err
 		}
@@ -272,15 +280,21 @@ func (w *applyWorker) work(ctx context.Context, job *river.Job[ApplyArgs]) error
 // loadRuns reads the open changes, stored state and leftover requests of
 // the resources. A change whose fields can't be read ends rejected alone; a
 // snapshot that can't be read is an unknown merge base.
-func (p *Processor) loadRuns(ctx context.Context, conn *pgxpool.Conn, t *TargetConfig, ids []string) ([]*resourceRun, error) {
-	rows, err := p.q.ChangesListOpen(ctx, conn, db.ChangesListOpenParams{Target: t.Name, ResourceIDs: ids, Max: maxChangesPerRound})
+func (p *Processor) loadRuns(ctx context.Context, conn db.DBTX, t *TargetConfig, ids []string) ([]*resourceRun, error) {
+	return loadRuns(ctx, p.q, conn, t, ids)
+}
+
+// loadRuns is Processor.loadRuns for any reader (plan reads in a read-only
+// transaction).
+func loadRuns(ctx context.Context, q *db.Queries, conn db.DBTX, t *TargetConfig, ids []string) ([]*resourceRun, error) {
+	rows, err := q.ChangesListOpen(ctx, conn, db.ChangesListOpenParams{Target: t.Name, ResourceIDs: ids, Max: maxChangesPerRound})
 	if err != nil {
 		return nil, fmt.Errorf("list open changes: %w", err)
 	}
 	if len(rows) == 0 {
 		return nil, nil
 	}
-	stored, err := p.q.ResourcesGet(ctx, conn, db.ResourcesGetParams{Target: t.Name, ResourceIDs: ids})
+	stored, err := q.ResourcesGet(ctx, conn, db.ResourcesGetParams{Target: t.Name, ResourceIDs: ids})
 	if err != nil {
 		return nil, fmt.Errorf("read stored resources: %w", err)
 	}
@@ -316,7 +330,7 @@ func (p *Processor) loadRuns(ctx context.Context, conn *pgxpool.Conn, t *TargetC
 		runIDs[i] = rr.id
 		byRun[rr.id] = rr
 	}
-	left, err := p.q.OutboxLeftovers(ctx, conn, db.OutboxLeftoversParams{Target: t.Name, ResourceIDs: runIDs})
+	left, err := q.OutboxLeftovers(ctx, conn, db.OutboxLeftoversParams{Target: t.Name, ResourceIDs: runIDs})
 	if err != nil {
 		return nil, fmt.Errorf("read leftover requests: %w", err)
 	}
@@ -366,6 +380,15 @@ func storedRun(id string, s db.ResourcesGetRow) *resourceRun {
 	return rr
 }
 
+// batchLookup reports whether the resource's ETag is looked up by the
+// job's batch request before anything is written (see prefetchETags).
+func (a *applier) batchLookup(rr *resourceRun) bool {
+	t := a.t
+	// Ids with a comma can't travel in the comma-separated list.
+	return t.BatchETagPath != "" && t.UpdateMethod == http.MethodPatch &&
+		rr.state.etag == "" && !rr.state.deleted && rr.inDoubt == nil && rr.changes[0].op == "update" && !strings.Contains(rr.id, ",")
+}
+
 // prefetchETags looks up, with one batch request per BatchSize resources,
 // the ETags of resources about to be updated with none stored, with the
 // fields the merge needs as their base. Only PATCH targets benefit: PUT
@@ -373,13 +396,9 @@ func storedRun(id string, s db.ResourcesGetRow) *resourceRun {
 // never looked up: its in-doubt write is resolved first.
 func (p *Processor) prefetchETags(ctx context.Context, a *applier, runs []*resourceRun) {
 	t := a.t
-	if t.BatchETagPath == "" || t.UpdateMethod != "PATCH" {
-		return
-	}
 	var need []*resourceRun
 	for _, rr := range runs {
-		// Ids with a comma can't travel in the comma-separated list.
-		if rr.state.etag == "" && !rr.state.deleted && rr.inDoubt == nil && rr.changes[0].op == "update" && !strings.Contains(rr.id, ",") {
+		if a.batchLookup(rr) {
 			need = append(need, rr)
 		}
 	}

@@ -1,6 +1,6 @@
 // Command stagesync applies changes staged in PostgreSQL to remote REST APIs
 // that guard resources with ETags. Subcommands: migrate, run, status,
-// history, check, targets, requeue, demo, simulate.
+// history, plan, check, targets, requeue, demo, simulate.
 package main
 
 import (
@@ -89,6 +89,21 @@ func init() {
 				"migrate status",
 			},
 			run: cmdMigrate,
+		},
+		"plan": {
+			summary: "show the next requests for open changes, without sending anything",
+			usage:   "plan [--config stagesync.yaml] [--target T] [--limit N] [--json] [--database-url URL]",
+			about: "Shows, resource by resource (oldest open change first), what the next `run` would send: method,\n" +
+				"URL, If-Match (or what comes first: a lookup when no ETag is stored, the resolution of an\n" +
+				"in-doubt write) and the body after coalescing and per-field ordering, and which changes end\n" +
+				"without a request (noop: already on the remote, superseded by a newer change). It runs the\n" +
+				"processor's own decisions in a read-only transaction: nothing is sent, no row changes.",
+			examples: []string{
+				"plan --config stagesync.yaml",
+				"plan --config stagesync.yaml --target territory --limit 10",
+				"plan --config stagesync.yaml --json | jq '.[] | select(.method == \"PATCH\") | .body'",
+			},
+			run: cmdPlan,
 		},
 		"requeue": {
 			summary: "move dead (or rejected) changes back to pending",

@@ -72,8 +72,11 @@ func TestConditionalGetAfterAConflict(t *testing.T) {
 	front.id = odd
 	front.mu.Unlock()
 	before := len(h.sim.Requests())
+	// The edited resource's change also sets owner (policy theirs), so its
+	// conflict is resolved by reading the resource (with only ours fields
+	// it would be written again unread).
 	changeIDs := h.insert(
-		change{resource: edited, fields: map[string]any{"status": "won"}},
+		change{resource: edited, fields: map[string]any{"status": "won", "owner": "crm"}},
 		change{resource: odd, fields: map[string]any{"status": "won"}},
 	)
 	h.waitDrained(30 * time.Second)

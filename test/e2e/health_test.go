@@ -51,7 +51,7 @@ func TestTargetHealthAndLogLinesFollowAFailingRemote(t *testing.T) {
 	h.env = map[string]string{"FRONT_URL": frontURL, "CRM_TOKEN": secret}
 	reg := prometheus.NewRegistry()
 	p, _ := h.runProcessor(configYAML(nil, map[string]string{
-		"base_url": "${FRONT_URL}", "auth": `{env: CRM_TOKEN, prefix: "Bearer "}`, "max_attempts": "1000",
+		"base_url": "${FRONT_URL}", "auth": `{env: CRM_TOKEN, prefix: "Bearer "}`, "max_attempts": "1000", "concurrency": "8",
 	}), processor.NewMetrics(reg))
 	var cs []change
 	for _, id := range ids {

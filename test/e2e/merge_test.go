@@ -58,13 +58,16 @@ func TestMergePolicies(t *testing.T) {
 				remote:    map[string]any{"owner": "alice", "status": "won"},
 				requests:  map[attemptKey]int{patch412: 1, get200: 1, patch200: 1},
 			}},
+		// Every field to write is policy ours: the conflict's ETag is used
+		// at once, without a GET (t7: rewriteUnread).
 		{"status edited, ours sets status", map[string]any{"status": "lost"},
 			[]map[string]any{{"status": "won"}}, want{
 				statuses:  []string{"merged"},
-				decisions: map[string]string{"status": "took_ours"},
+				details:   []string{unreadDetail},
+				decisions: map[string]string{"status": "took_ours_unread"},
 				outcome:   "merged",
 				remote:    map[string]any{"status": "won"},
-				requests:  map[attemptKey]int{patch412: 1, get200: 1, patch200: 1},
+				requests:  map[attemptKey]int{patch412: 1, patch200: 1},
 			}},
 		{"region edited, ours sets another region", map[string]any{"region": "south"},
 			[]map[string]any{{"region": "east"}}, want{
@@ -87,10 +90,11 @@ func TestMergePolicies(t *testing.T) {
 		{"owner edited, ours sets status", map[string]any{"owner": "carol"},
 			[]map[string]any{{"status": "won"}}, want{
 				statuses:  []string{"merged"},
-				decisions: map[string]string{"status": "took_ours"},
+				details:   []string{unreadDetail},
+				decisions: map[string]string{"status": "took_ours_unread"},
 				outcome:   "merged",
 				remote:    map[string]any{"owner": "carol", "status": "won"},
-				requests:  map[attemptKey]int{patch412: 1, get200: 1, patch200: 1},
+				requests:  map[attemptKey]int{patch412: 1, patch200: 1},
 			}},
 		// A value set aside by a policy is a merge, not a noop: noop means
 		// the remote already held the value (issue 7 §5).

@@ -96,8 +96,12 @@ func TestEchoedCredentialIsRedactedEverywhere(t *testing.T) {
 	h.sim.Edit(ids[0], map[string]any{"notes": "token was Bearer " + secret}, "person")
 	front, frontURL := newFrontDoor(t, h.sim)
 	h.env = map[string]string{"FRONT_URL": frontURL, "SIM_TOKEN": secret}
+	// owner manual: the conflict is resolved by reading the resource (a
+	// write of ours fields only would go again unread), so the answer with
+	// the pasted credential reaches merges.theirs.
 	h.startProcessor(configYAML(nil, map[string]string{
-		"base_url": "${FRONT_URL}", "auth": "{env: SIM_TOKEN, prefix: 'Bearer '}", "max_attempts": "100"}))
+		"base_url": "${FRONT_URL}", "auth": "{env: SIM_TOKEN, prefix: 'Bearer '}", "max_attempts": "100",
+		"merge": "{default: ours, fields: {owner: manual}}"}))
 	// ids[0]'s stored ETag is stale, so its write conflicts and is merged.
 	_, err := h.pool.Exec(context.Background(), `INSERT INTO stagesync.resources (target, resource_id, etag, snapshot)
 		VALUES ($1, $2, '"stale"', '{"owner": "seed", "notes": ""}')`, target, ids[0])
