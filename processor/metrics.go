@@ -68,7 +68,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	}
 	m.inflightLimit = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "stagesync_inflight_limit",
-		Help: "This process's adaptive limit of requests in flight to the target: halved on 429/503, grown by one per second without them, at most the target's concurrency.",
+		Help: "This process's adaptive limit of requests in flight to the target: starts at 16, doubles per round trip of good answers, halved on 429/503 and then grown by one per second without them, at most the target's concurrency.",
 	}, []string{"target"})
 	m.rateShare = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "stagesync_rate_share",
