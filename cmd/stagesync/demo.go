@@ -45,8 +45,11 @@ const (
 	demoInvalidID = "acct-9002"
 	// demoOtherUsersRate is edits per second by people in the remote system.
 	demoOtherUsersRate = 40
-	demoErrorRate      = 0.02
-	demoRateLimitRate  = 0.01
+	// Every 429 and 503 pauses the whole target for its Retry-After (a
+	// second at least), as a real remote asks: a handful shows it without
+	// making the demo a study in waiting.
+	demoErrorRate     = 0.01
+	demoRateLimitRate = 0.004
 )
 
 var demoDBNameRE = regexp.MustCompile(`^[a-z_][a-z0-9_]{0,62}$`)
@@ -512,12 +515,14 @@ func waitDrained(ctx context.Context, pool *pgxpool.Pool, seeded <-chan seedResu
 
 // demoReport holds the figures of the final report.
 type demoReport struct {
-	total       int64
-	byStatus    map[string]int64
-	requests    int64
-	byKind      map[string]int64 // PATCH, GET, batch GET, …
-	conflicts   int64
-	faults      int
+	total     int64
+	byStatus  map[string]int64
+	requests  int64
+	byKind    map[string]int64 // PATCH, GET, batch GET, …
+	conflicts int64
+	faults    int
+	// throttled are the injected answers that paused the target (429, 503).
+	throttled   int
 	otherEdits  int
 	deadLetters []db.DeadLetter
 	resent      int64
@@ -557,6 +562,11 @@ func collectDemoReport(ctx context.Context, pool *pgxpool.Pool, sim *remotesim.S
 		return nil, fmt.Errorf("read dead letters: %w", err)
 	}
 	rep.faults = sim.Stats().Faults
+	for _, r := range sim.Requests() {
+		if r.Fault != "" && (r.Status == http.StatusTooManyRequests || r.Status == http.StatusServiceUnavailable) {
+			rep.throttled++
+		}
+	}
 	for _, id := range sim.IDs() {
 		for _, v := range sim.History(id) {
 			if v.Writer == "other-user" || v.Writer == "sales-ops" {
@@ -596,7 +606,11 @@ func writeDemoReport(w io.Writer, r *demoReport) {
 	}
 	fmt.Fprintf(w, "  conflicts   %d = %s of requests (412 ETag mismatch after %d edits by people in the remote), resolved by field-level merge\n",
 		r.conflicts, formatPercent(rate), r.otherEdits)
-	fmt.Fprintf(w, "  faults      %d injected 5xx/429 answers, all retried\n", r.faults)
+	fmt.Fprintf(w, "  faults      %d injected 5xx/429 answers, all retried", r.faults)
+	if r.throttled > 0 {
+		fmt.Fprintf(w, "; %d of them (429, 503) paused the target for their Retry-After, with nothing sent meanwhile", r.throttled)
+	}
+	fmt.Fprintln(w)
 	fmt.Fprintf(w, "  drained in  %s from the first staged change to the last terminal state\n", r.elapsed.Round(10*time.Millisecond))
 
 	if len(r.deadLetters) == 0 {

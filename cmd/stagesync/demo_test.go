@@ -34,7 +34,7 @@ func TestDemoDrainsAndReports(t *testing.T) {
 		}
 		return ""
 	}
-	args := []string{"demo", "--changes", "60", "--demo-db", name, "--latency", "2ms", "--seed", "7"}
+	args := []string{"demo", "--changes", "60", "--demo-db", name, "--latency", "2ms", "--seed", "2"}
 
 	var out bytes.Buffer
 	require.NoError(t, run(t.Context(), args, getenv, &out), "demo output:\n%s", out.String())
@@ -61,6 +61,16 @@ func TestDemoDrainsAndReports(t *testing.T) {
 	require.Equal(t, int64(1), byStatus["dead"])
 	require.Equal(t, int64(1), byStatus["rejected"])
 	require.Zero(t, byStatus["pending"]+byStatus["processing"])
+
+	// The faults line names the throttling answers that paused the target,
+	// as many as the audit recorded.
+	var throttled int
+	require.NoError(t, pool.QueryRow(t.Context(), `SELECT count(*) FROM stagesync.attempts WHERE status_code IN (429, 503)`).Scan(&throttled))
+	if throttled > 0 {
+		require.Contains(t, report, fmt.Sprintf("; %d of them (429, 503) paused the target for their Retry-After", throttled))
+	} else {
+		require.NotContains(t, report, "paused the target")
+	}
 
 	var deadID, rejID int64
 	var deadErr, rejErr string
