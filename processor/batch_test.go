@@ -449,7 +449,7 @@ func TestBatchWriteConfig(t *testing.T) {
 	require.Nil(t, cfg.Targets["crm"].BatchWrite, "without batch_write: no batches")
 
 	for text, want := range map[string]string{
-		"    batch_write: {max_requests: 0}\n":    "",
+		"    batch_write: {max_requests: 0}\n":    "targets.crm.batch_write.max_requests: must not be 0; leave the key out for the default",
 		"    batch_write: {max_requests: 1001}\n": "targets.crm.batch_write.max_requests: must be between 1 and 1000, got 1001",
 		"    batch_write: {max_requests: -1}\n":   "targets.crm.batch_write.max_requests: must be between 1 and 1000, got -1",
 		"    batch_write: {path: batch}\n":        `targets.crm.batch_write.path: must be a path starting with / and without a query, like /$batch; got "batch"`,

@@ -36,17 +36,17 @@ type Config struct {
 // DispatchConfig tunes claiming.
 type DispatchConfig struct {
 	// ClaimBatch is the most changes claimed per transaction. Defaults to 2000.
-	ClaimBatch int `yaml:"claim_batch"`
+	ClaimBatch int `yaml:"claim_batch" zero:"default"`
 	// PollInterval is how often the safety-net periodic job claims pending
 	// changes in case a notification was missed. Defaults to 5s.
-	PollInterval Duration `yaml:"poll_interval"`
+	PollInterval Duration `yaml:"poll_interval" zero:"default"`
 	// RescueAfter is how long a job may run before River assumes its process
 	// died and runs it again. Must exceed the longest job. Defaults to 5m.
-	RescueAfter Duration `yaml:"rescue_after"`
+	RescueAfter Duration `yaml:"rescue_after" zero:"default"`
 	// ShutdownGrace bounds how long in-flight work may finish on SIGTERM
 	// before it is cancelled (and its changes left for a retry job).
 	// Defaults to 30s.
-	ShutdownGrace Duration `yaml:"shutdown_grace"`
+	ShutdownGrace Duration `yaml:"shutdown_grace" zero:"default"`
 }
 
 // TargetConfig configures one remote endpoint.
@@ -67,7 +67,7 @@ type TargetConfig struct {
 	// BatchSize is the most resources per job and per batch ETag request.
 	// Defaults to 100 (a lookup's URL stays short, and a backlog spreads
 	// over several jobs' database sessions).
-	BatchSize int `yaml:"batch_size"`
+	BatchSize int `yaml:"batch_size" zero:"default"`
 	// ConflictStatuses are the statuses that mean "ETag mismatch".
 	// Defaults to [409, 412].
 	ConflictStatuses []int `yaml:"conflict_statuses"`
@@ -85,7 +85,7 @@ type TargetConfig struct {
 	// in flight to finish in a quarter of a second, and the limit only
 	// gets there while the remote keeps answering in time. Set a remote's
 	// documented limit here (e.g. 8) to never exceed it.
-	Concurrency int `yaml:"concurrency"`
+	Concurrency int `yaml:"concurrency" zero:"default"`
 	// Workers is the most jobs of this target run at once per process;
 	// each holds one database connection (the session holding its
 	// resources' locks, through which its requests' outbox rows and
@@ -93,15 +93,15 @@ type TargetConfig struct {
 	// (500 resources, BatchSize 100) runs as five jobs at once, and jobs
 	// share the target's in-flight limit, so more workers add database
 	// sessions, not requests.
-	Workers int `yaml:"workers"`
+	Workers int `yaml:"workers" zero:"default"`
 	// RateLimit is requests per second to this target from all live
 	// processes together; each takes an equal share. 0 means unlimited.
 	RateLimit float64 `yaml:"rate_limit"`
 	// Timeout bounds one HTTP request. Defaults to 10s.
-	Timeout Duration `yaml:"timeout"`
+	Timeout Duration `yaml:"timeout" zero:"default"`
 	// MaxAttempts is how many write attempts a change gets before it ends
 	// dead. Defaults to 10.
-	MaxAttempts int `yaml:"max_attempts"`
+	MaxAttempts int `yaml:"max_attempts" zero:"default"`
 	// Backoff is the retry delay: base·2^(attempt-1) with jitter, capped.
 	// A 429 or 503 without Retry-After pauses the target for base,
 	// doubling for each such answer in a row, up to max.
@@ -109,7 +109,7 @@ type TargetConfig struct {
 	// GiveUpAfter bounds how long a change the remote keeps throttling
 	// (429, 503: these never use up MaxAttempts) is retried, counted from
 	// when it was staged; then it ends dead. Defaults to 24h.
-	GiveUpAfter Duration `yaml:"give_up_after"`
+	GiveUpAfter Duration `yaml:"give_up_after" zero:"default"`
 	// Merge holds the field policies of the three-way merge.
 	Merge MergeConfig `yaml:"merge"`
 	// Alert says when the target's conflict rate is too high: the status
@@ -139,9 +139,9 @@ type AuthConfig struct {
 // BackoffConfig bounds retry delays.
 type BackoffConfig struct {
 	// Base defaults to 1s.
-	Base Duration `yaml:"base"`
+	Base Duration `yaml:"base" zero:"default"`
 	// Max defaults to 5m.
-	Max Duration `yaml:"max"`
+	Max Duration `yaml:"max" zero:"default"`
 }
 
 // MergeConfig holds field policies: ours, theirs or manual.
@@ -158,10 +158,10 @@ type AlertConfig struct {
 	// ConflictRate is the share of requests answered with a conflict status
 	// (409/412) above which the target needs attention, in (0, 1].
 	// Defaults to 0.05.
-	ConflictRate float64 `yaml:"conflict_rate"`
+	ConflictRate float64 `yaml:"conflict_rate" zero:"default"`
 	// Window is the span the rate is measured over, 1m to 24h. Defaults
 	// to 15m.
-	Window Duration `yaml:"window"`
+	Window Duration `yaml:"window" zero:"default"`
 }
 
 // BatchWriteConfig is a target's OData 4.01 JSON batch endpoint
@@ -172,7 +172,7 @@ type BatchWriteConfig struct {
 	Path string `yaml:"path"`
 	// MaxRequests is the most writes in one batch POST, 1 to 1000. A 413
 	// answer halves it for the rest of the process's life. Defaults to 50.
-	MaxRequests int `yaml:"max_requests"`
+	MaxRequests int `yaml:"max_requests" zero:"default"`
 }
 
 // validate applies the defaults and reports bad values by key.
@@ -230,7 +230,7 @@ func LoadConfig(path string, getenv func(string) string) (*Config, error) {
 func ParseConfig(raw []byte, getenv func(string) string) (*Config, error) {
 	var root yaml.Node
 	if err := yaml.Unmarshal(raw, &root); err != nil {
-		return nil, syntaxError(err)
+		return nil, syntaxErrorAt(raw, err)
 	}
 	var missing []string
 	env := envValues{}

@@ -1,8 +1,10 @@
 package processor
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"math"
 	"reflect"
 	"regexp"
 	"slices"
@@ -79,7 +81,12 @@ func checkNode(n *yaml.Node, t reflect.Type, path string, errs *[]error) {
 				*errs = append(*errs, fmt.Errorf("line %d: %s: unknown key%s", k.Line, kp, suggestKey(k.Value, fields)))
 				continue
 			}
-			checkNode(v, ft, kp, errs)
+			if ft.zeroIsDefault && isZeroScalar(v, ft.typ) {
+				// An explicit 0 would silently turn into the default.
+				*errs = append(*errs, fmt.Errorf("line %d: %s: must not be 0; leave the key out for the default", v.Line, kp))
+				continue
+			}
+			checkNode(v, ft.typ, kp, errs)
 		}
 	case reflect.Map:
 		if n.Kind != yaml.MappingNode {
@@ -110,20 +117,50 @@ func checkNode(n *yaml.Node, t reflect.Type, path string, errs *[]error) {
 			bad(n, "must be a single value, got %s", describeNode(n))
 			return
 		}
-		if err := n.Decode(reflect.New(t).Interface()); err != nil {
-			switch t.Kind() {
-			case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
-				reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		if isIntKind(t.Kind()) && n.ShortTag() == "!!float" {
+			// yaml.v3 would truncate 4.5 to 4 without a word.
+			bad(n, "must be a whole number, got %q", n.Value)
+			return
+		}
+		v := reflect.New(t)
+		if err := n.Decode(v.Interface()); err != nil {
+			switch {
+			case isIntKind(t.Kind()):
 				bad(n, "must be a whole number, got %q", n.Value)
-			case reflect.Float32, reflect.Float64:
+			case t.Kind() == reflect.Float32 || t.Kind() == reflect.Float64:
 				bad(n, "must be a number, got %q", n.Value)
-			case reflect.Bool:
+			case t.Kind() == reflect.Bool:
 				bad(n, "must be true or false, got %q", n.Value)
 			default:
 				bad(n, "cannot read %q here", n.Value)
 			}
+			return
+		}
+		if (t.Kind() == reflect.Float32 || t.Kind() == reflect.Float64) && !isFinite(v.Elem().Float()) {
+			bad(n, "must be a finite number, got %q", n.Value)
 		}
 	}
+}
+
+func isIntKind(k reflect.Kind) bool {
+	switch k {
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return true
+	}
+	return false
+}
+
+func isFinite(f float64) bool { return !math.IsNaN(f) && !math.IsInf(f, 0) }
+
+// isZeroScalar reports whether n is a scalar that decodes to t's zero
+// value (0, 0.0, 0s).
+func isZeroScalar(n *yaml.Node, t reflect.Type) bool {
+	if n.Kind != yaml.ScalarNode || n.ShortTag() == "!!null" {
+		return false
+	}
+	v := reflect.New(t)
+	return n.Decode(v.Interface()) == nil && v.Elem().IsZero()
 }
 
 func joinPath(path, key string) string {
@@ -144,15 +181,22 @@ func describeNode(n *yaml.Node) string {
 	}
 }
 
-var fieldCache sync.Map // reflect.Type → map[string]reflect.Type
+var fieldCache sync.Map // reflect.Type → map[string]yamlField
+
+// yamlField is one key of a struct: its type, and whether 0 stands for
+// "use the default" (tag zero:"default"), so that an explicit 0 is refused.
+type yamlField struct {
+	typ           reflect.Type
+	zeroIsDefault bool
+}
 
 // yamlFields maps a struct's YAML keys to their field types, inlined
 // structs included; fields tagged "-" are not keys.
-func yamlFields(t reflect.Type) map[string]reflect.Type {
+func yamlFields(t reflect.Type) map[string]yamlField {
 	if m, ok := fieldCache.Load(t); ok {
-		return m.(map[string]reflect.Type)
+		return m.(map[string]yamlField)
 	}
-	m := map[string]reflect.Type{}
+	m := map[string]yamlField{}
 	for f := range t.Fields() {
 		if !f.IsExported() {
 			continue
@@ -177,7 +221,7 @@ func yamlFields(t reflect.Type) map[string]reflect.Type {
 		if name == "" {
 			name = strings.ToLower(f.Name) // yaml.v3's default key
 		}
-		m[name] = f.Type
+		m[name] = yamlField{typ: f.Type, zeroIsDefault: f.Tag.Get("zero") == "default"}
 	}
 	fieldCache.Store(t, m)
 	return m
@@ -185,7 +229,7 @@ func yamlFields(t reflect.Type) map[string]reflect.Type {
 
 // suggestKey proposes the known key nearest to an unknown one, or lists
 // the known keys when none is near.
-func suggestKey(key string, fields map[string]reflect.Type) string {
+func suggestKey(key string, fields map[string]yamlField) string {
 	known := make([]string, 0, len(fields))
 	for k := range fields {
 		known = append(known, k)
@@ -235,6 +279,37 @@ func editDistance(a, b string) int {
 // line is the file's, since parsing is the first step.
 func syntaxError(err error) error {
 	return fmt.Errorf("%s", strings.TrimPrefix(err.Error(), "yaml: "))
+}
+
+// syntaxErrorAt restates a YAML syntax error with the line where the
+// document stops being valid. yaml.v3 names the line where the enclosing
+// construct began (a bad indent on line 5 is reported on line 1), so the
+// file's shortest prefix that fails the same way gives the line instead.
+// Config files are small; past maxProbeLines yaml's own line is kept.
+func syntaxErrorAt(raw []byte, err error) error {
+	const maxProbeLines = 5000
+	msg := strings.TrimPrefix(err.Error(), "yaml: ")
+	m := typeErrorLine.FindStringSubmatch(msg)
+	if m == nil {
+		return errors.New(msg)
+	}
+	problem := strings.TrimPrefix(msg, m[0])
+	lines := bytes.SplitAfter(raw, []byte("\n"))
+	if len(lines) > maxProbeLines {
+		return errors.New(msg)
+	}
+	for n := 1; n <= len(lines); n++ {
+		var probe yaml.Node
+		perr := yaml.Unmarshal(bytes.Join(lines[:n], nil), &probe)
+		if perr == nil {
+			continue
+		}
+		pm := strings.TrimPrefix(perr.Error(), "yaml: ")
+		if pl := typeErrorLine.FindStringSubmatch(pm); pl != nil && strings.TrimPrefix(pm, pl[0]) == problem {
+			return fmt.Errorf("line %d: %s", n, problem)
+		}
+	}
+	return errors.New(msg)
 }
 
 var typeErrorLine = regexp.MustCompile(`^line (\d+): `)

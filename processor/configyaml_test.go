@@ -55,6 +55,49 @@ targets:
     item_path: /a/{id}
     timeout: soon
 `, `line 6: targets.t.timeout: "soon" is not a duration like 500ms or 10s`},
+		{"a fraction where a whole number goes", `
+targets:
+  t:
+    base_url: http://x.test
+    item_path: /a/{id}
+    concurrency: 4.5
+`, `line 6: targets.t.concurrency: must be a whole number, got "4.5"`},
+		{"not a number where a rate goes", `
+targets:
+  t:
+    base_url: http://x.test
+    item_path: /a/{id}
+    rate_limit: .nan
+`, `line 6: targets.t.rate_limit: must be a finite number, got ".nan"`},
+		{"an infinite rate", `
+targets:
+  t:
+    base_url: http://x.test
+    item_path: /a/{id}
+    rate_limit: .inf
+`, `line 6: targets.t.rate_limit: must be a finite number, got ".inf"`},
+		{"an explicit 0 that would become the default", `
+targets:
+  t:
+    base_url: http://x.test
+    item_path: /a/{id}
+    workers: 0
+`, "line 6: targets.t.workers: must not be 0; leave the key out for the default"},
+		{"an explicit 0s that would become the default", `
+targets:
+  t:
+    base_url: http://x.test
+    item_path: /a/{id}
+    backoff: {base: 0s}
+`, "line 6: targets.t.backoff.base: must not be 0; leave the key out for the default"},
+		{"a bad indent names its own line", `
+targets:
+  t:
+    base_url: http://x.test
+   item_path: /a/{id}
+`, "line 5: did not find expected key"},
+		{"a tab names its own line", "targets:\n  t:\n    base_url: http://x.test\n\titem_path: /a/{id}\n",
+			"line 4: found a tab character that violates indentation"},
 		{"a list where targets go", "targets: [a, b]\n", "line 1: targets: must be a mapping (name: value), got a list"},
 		{"a scalar where a list goes", `
 targets:
