@@ -59,6 +59,12 @@ func TestChangesRefusesAStatementWithOneBadRow(t *testing.T) {
 			wantMessage: `resource_id must not be empty or only spaces; got "    "`,
 		},
 		{
+			// Unicode spaces look as blank as ASCII ones wherever the id is shown.
+			name: "a resource_id of Unicode spaces", target: "territory", resourceID: "\u00a0\u3000\u200b\ufeff", fields: `{"a": 1}`,
+			wantCode: "23514", wantConstraint: "changes_resource_id_not_empty",
+			wantMessage: "resource_id must not be empty or only spaces; got \"\u00a0\u3000\u200b\ufeff\"",
+		},
+		{
 			name: "an unknown target", target: "teritory", resourceID: "r1", fields: `{"a": 1}`,
 			wantCode: "23503", wantConstraint: "changes_target_known",
 			wantMessage: `unknown target "teritory"; the configured targets are: billing, ledger, territory`,
@@ -215,4 +221,15 @@ func TestChangesRefusalNamesTheRow(t *testing.T) {
 		require.Contains(t, pgErr.Detail, `resource_id "THE-BAD-ROW-42"`, "%s: detail %q", rule, pgErr.Detail)
 		require.Contains(t, pgErr.Detail, `target "territory"`, "%s: detail %q", rule, pgErr.Detail)
 	}
+}
+
+// Only an id of nothing but spaces is blank: one with a Unicode space inside
+// (or around a visible character) is stored.
+func TestChangesUnicodeSpacesInsideAnIdAreFine(t *testing.T) {
+	t.Parallel()
+	d := newTestDB(t)
+	_, err := d.conn(t, "stagesync_upstream").Exec(t.Context(), `INSERT INTO stagesync.changes (target, resource_id, fields)
+		VALUES ('territory', $1, '{"a": 1}'), ('territory', $2, '{"a": 1}')`, "ACC\u00a01", "\u3000x\u3000")
+	require.NoError(t, err)
+	require.Equal(t, 2, countRows(t, d.Pool, "stagesync.changes"))
 }
