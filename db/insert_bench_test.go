@@ -28,6 +28,7 @@ import (
 func BenchmarkUpstreamInsert(b *testing.B) {
 	b.Run("bulk", func(b *testing.B) {
 		const rows = 10000
+		b.Logf("settings: one INSERT … SELECT FROM unnest of %d rows per statement, as a login granted stagesync_upstream (checks, RLS and triggers included)", rows)
 		conn := upstreamConn(b)
 		ids, fields, keys := make([]string, rows), make([]string, rows), make([]string, rows)
 		batch := 0
@@ -49,6 +50,7 @@ func BenchmarkUpstreamInsert(b *testing.B) {
 
 	b.Run("single rows", func(b *testing.B) {
 		const rows = 1000
+		b.Logf("settings: %d single-row INSERTs per round trip (a pgx batch), as a login granted stagesync_upstream", rows)
 		conn := upstreamConn(b)
 		batch := 0
 		for b.Loop() {

@@ -41,6 +41,7 @@ func BenchmarkBacklogMemory(b *testing.B) {
 
 	cfg := h.writeConfig(configYAML(map[string]string{"poll_interval": "1s"},
 		map[string]string{"workers": "8", "concurrency": "32", "batch_size": "250"}))
+	b.Logf("settings: a `run` process; workers 8, concurrency 32, batch_size 250, poll_interval 1s; %d changes over %d resources staged before it starts", total, resources)
 	for b.Loop() {
 		start := time.Now()
 		p := h.startRun("backlog", cfg)

@@ -33,6 +33,7 @@ func BenchmarkDrainDuringCleanup(b *testing.B) {
 			_, err := h.pool.Exec(ctx, `INSERT INTO stagesync.targets (name, base_url, item_path)
 				VALUES ($1, 'http://127.0.0.1:1', '/assignments/{id}')`, target)
 			require.NoError(b, err)
+			b.Logf("settings: retention %s; claim_batch 20000, batch_size 250, workers 8, concurrency 64; %d expired rows, %d changes over %d resources to drain", tc.retention, expired, drain, resources)
 			iter := 0
 			var drained time.Duration
 			var deleted int
