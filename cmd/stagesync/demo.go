@@ -670,8 +670,14 @@ func withoutPassword(conn string) string {
 	return strings.TrimSpace(passwordKeyword.ReplaceAllString(conn, ""))
 }
 
-// recreateDatabase drops and creates the demo database on the server of
-// adminURL. CREATE and DROP DATABASE take no parameters, so the name (checked
+// demoDBComment marks a database as the demo's own: the demo drops only a
+// database that carries it, never one of the same name that someone else
+// made.
+const demoDBComment = "stagesync demo database: dropped and recreated by `stagesync demo`"
+
+// recreateDatabase drops the previous demo database (only if the demo made
+// it) and creates a fresh one on the server of adminURL, marked as the
+// demo's. CREATE and DROP DATABASE take no parameters, so the name (checked
 // against demoDBNameRE) is quoted as an identifier.
 func recreateDatabase(ctx context.Context, adminURL, name string) error {
 	admin, err := db.NewPool(ctx, adminURL, 1)
@@ -679,12 +685,15 @@ func recreateDatabase(ctx context.Context, adminURL, name string) error {
 		return err
 	}
 	defer admin.Close()
-	ident := pgx.Identifier{name}.Sanitize()
-	if _, err := admin.Exec(ctx, "DROP DATABASE IF EXISTS "+ident+" WITH (FORCE)"); err != nil {
-		return fmt.Errorf("drop the previous demo database %s: %w", name, err)
+	if err := dropDemoDatabase(ctx, admin, name); err != nil {
+		return err
 	}
+	ident := pgx.Identifier{name}.Sanitize()
 	if _, err := admin.Exec(ctx, "CREATE DATABASE "+ident); err != nil {
 		return fmt.Errorf("create demo database %s: %w", name, err)
+	}
+	if _, err := admin.Exec(ctx, "COMMENT ON DATABASE "+ident+" IS "+quoteLiteral(demoDBComment)); err != nil {
+		return fmt.Errorf("mark demo database %s as the demo's: %w", name, err)
 	}
 	return nil
 }
@@ -695,10 +704,33 @@ func dropDatabase(ctx context.Context, adminURL, name string) error {
 		return err
 	}
 	defer admin.Close()
+	return dropDemoDatabase(ctx, admin, name)
+}
+
+// dropDemoDatabase drops the database name if it exists and carries the
+// demo's mark; one without the mark is someone's data, and is refused.
+func dropDemoDatabase(ctx context.Context, admin *pgxpool.Pool, name string) error {
+	var comment *string
+	err := admin.QueryRow(ctx, `SELECT pg_catalog.shobj_description(oid, 'pg_database') FROM pg_catalog.pg_database WHERE datname = $1`, name).Scan(&comment)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("look up demo database %s: %w", name, err)
+	}
+	if deref(comment) != demoDBComment {
+		return fmt.Errorf("demo: database %s exists and was not made by `stagesync demo`, so the demo will not drop it: pick another --demo-db, or drop it yourself if it is an old demo database", name)
+	}
 	if _, err := admin.Exec(ctx, "DROP DATABASE IF EXISTS "+pgx.Identifier{name}.Sanitize()+" WITH (FORCE)"); err != nil {
 		return fmt.Errorf("drop demo database %s: %w", name, err)
 	}
 	return nil
+}
+
+// quoteLiteral quotes s as an SQL string literal (COMMENT takes no
+// parameters).
+func quoteLiteral(s string) string {
+	return "'" + strings.ReplaceAll(s, "'", "''") + "'"
 }
 
 func deref(s *string) string {

@@ -182,3 +182,51 @@ func TestDemoDatabaseURL(t *testing.T) {
 	_, _, err = demoDatabaseURL("postgres://127.0.0.1/stagesync_demo", "stagesync_demo")
 	require.EqualError(t, err, `demo: --demo-db "stagesync_demo" is the database of --database-url; the demo drops it, so pick another name`)
 }
+
+// The demo drops only a database it made: one of the same name holding
+// someone's data is refused, untouched, with words that say why.
+func TestDemoNeverDropsADatabaseItDidNotMake(t *testing.T) {
+	t.Parallel()
+	admin := dbtest.AdminURL()
+	name := "stagesync_demo_" + randomSuffix()
+	conn, err := pgx.Connect(t.Context(), admin)
+	require.NoError(t, err)
+	defer conn.Close(context.WithoutCancel(t.Context()))
+	_, err = conn.Exec(t.Context(), "CREATE DATABASE "+name)
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(t.Context()), 30*time.Second)
+		defer cancel()
+		c, err := pgx.Connect(ctx, admin)
+		if err == nil {
+			_, err = c.Exec(ctx, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)")
+			_ = c.Close(ctx)
+		}
+		if err != nil {
+			t.Errorf("drop %s: %v", name, err)
+		}
+	})
+	theirURL, _, err := demoDatabaseURL(admin, name)
+	require.NoError(t, err)
+	theirs, err := pgx.Connect(t.Context(), theirURL)
+	require.NoError(t, err)
+	defer theirs.Close(context.WithoutCancel(t.Context()))
+	_, err = theirs.Exec(t.Context(), "CREATE TABLE precious (v int); INSERT INTO precious VALUES (42)")
+	require.NoError(t, err)
+
+	getenv := func(k string) string {
+		if k == "DATABASE_URL" {
+			return admin
+		}
+		return ""
+	}
+	var out bytes.Buffer
+	err = run(t.Context(), []string{"demo", "--changes", "10", "--demo-db", name, "--latency", "1ms"}, getenv, &out)
+	require.EqualError(t, err, "demo: database "+name+" exists and was not made by `stagesync demo`, so the demo will not drop it: pick another --demo-db, or drop it yourself if it is an old demo database")
+	require.ErrorContains(t, dropDatabase(t.Context(), admin, name), "was not made by `stagesync demo`")
+
+	// Their data and their session are still there.
+	var v int
+	require.NoError(t, theirs.QueryRow(t.Context(), "SELECT v FROM precious").Scan(&v))
+	require.Equal(t, 42, v)
+}
