@@ -70,7 +70,7 @@ type TargetConfig struct {
 	BatchSize int `yaml:"batch_size" zero:"default"`
 	// ConflictStatuses are the statuses that mean "ETag mismatch".
 	// Defaults to [409, 412].
-	ConflictStatuses []int `yaml:"conflict_statuses"`
+	ConflictStatuses []int `yaml:"conflict_statuses" zero:"default"`
 	// Auth names an environment variable whose value is sent in a header.
 	// The value is never written to the database, logs or errors.
 	Auth *AuthConfig `yaml:"auth"`
@@ -125,6 +125,11 @@ type TargetConfig struct {
 	// authValue is the resolved secret.
 	authValue string
 }
+
+// ownHeaders are the headers stagesync sets on its requests, in canonical
+// form; the credential may not travel in one of them.
+var ownHeaders = []string{"Accept", "Content-Type", "Content-Length", "Host", "If-Match", "If-None-Match",
+	"Idempotency-Key", "Odata-Version", "Transfer-Encoding", "Connection"}
 
 // AuthConfig sends Header: Prefix + $Env on every request.
 type AuthConfig struct {
@@ -434,6 +439,11 @@ func (t *TargetConfig) validate(getenv func(string) string) []keyError {
 		}
 		if strings.ContainsAny(t.Auth.Header, " :\r\n") {
 			bad("auth.header", "is not a valid header name")
+		} else if slices.Contains(ownHeaders, http.CanonicalHeaderKey(t.Auth.Header)) {
+			// The credential is set last: it would replace this header on
+			// every request (If-Match: * overwrites any version) while the
+			// audit records the header stagesync meant to send.
+			bad("auth.header", "must not be %s: stagesync sets that header itself; name the header the remote reads the credential from, like Authorization", http.CanonicalHeaderKey(t.Auth.Header))
 		}
 	}
 	defaultInt(&t.Concurrency, 128)

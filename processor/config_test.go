@@ -52,6 +52,11 @@ func TestParseConfigErrorsNameTheKey(t *testing.T) {
 		{"backoff max below base", "    backoff: {base: 2s, max: 1s}\n", "targets.territory.backoff.max: must be >= backoff.base"},
 		{"concurrency zero after default", "    concurrency: -2\n", "targets.territory.concurrency: must be between 1 and 1024"},
 		{"batch size too big", "    batch_size: 501\n", "targets.territory.batch_size: must be between 1 and 500"},
+		{"credential in If-Match", "    auth: {env: NOPE, header: if-match}\n", "targets.territory.auth.header: must not be If-Match: stagesync sets that header itself"},
+		{"credential in Idempotency-Key", "    auth: {env: NOPE, header: Idempotency-Key}\n", "targets.territory.auth.header: must not be Idempotency-Key"},
+		{"no conflict status", "    conflict_statuses: []\n", "line 5: targets.territory.conflict_statuses: must not be an empty list; leave the key out for the default"},
+		{"retention pause 0", "retention: {pause: 0s}\n", "line 5: retention.pause: must not be 0; leave the key out for the default"},
+		{"retention batch 0", "retention: {batch_size: 0}\n", "line 5: retention.batch_size: must not be 0"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

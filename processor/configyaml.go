@@ -86,6 +86,10 @@ func checkNode(n *yaml.Node, t reflect.Type, path string, errs *[]error) {
 				*errs = append(*errs, fmt.Errorf("line %d: %s: must not be 0; leave the key out for the default", v.Line, kp))
 				continue
 			}
+			if ft.zeroIsDefault && v.Kind == yaml.SequenceNode && len(v.Content) == 0 {
+				*errs = append(*errs, fmt.Errorf("line %d: %s: must not be an empty list; leave the key out for the default", v.Line, kp))
+				continue
+			}
 			checkNode(v, ft.typ, kp, errs)
 		}
 	case reflect.Map:

@@ -32,13 +32,13 @@ type RetentionConfig struct {
 	Audit RetentionPeriod `yaml:"audit"`
 	// Interval is how often the cleanup runs (in one process of those
 	// sharing the database: River's leader schedules it). Defaults to 1h.
-	Interval Duration `yaml:"interval"`
+	Interval Duration `yaml:"interval" zero:"default"`
 	// BatchSize is the most rows one DELETE statement removes, each in its
 	// own short transaction. Defaults to 5000.
-	BatchSize int `yaml:"batch_size"`
+	BatchSize int `yaml:"batch_size" zero:"default"`
 	// Pause is the wait between two full batches, which leaves the database
 	// to the processor; between 1ms and 1m. Defaults to 100ms.
-	Pause Duration `yaml:"pause"`
+	Pause Duration `yaml:"pause" zero:"default"`
 }
 
 // TargetRetention overrides the global periods for one target's rows; a
