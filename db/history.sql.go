@@ -227,12 +227,16 @@ WHERE EXISTS (SELECT 1 FROM stagesync.resources r WHERE r.target = t.name AND r.
    OR EXISTS (SELECT 1 FROM stagesync.changes c
               WHERE c.resource_id = $1 AND c.target = t.name
                 AND c.status IN ('pending', 'processing'))
+   OR EXISTS (SELECT 1 FROM stagesync.changes c
+              WHERE c.target = t.name AND c.resource_id = $1
+                AND c.status IN ('noop', 'rejected', 'dead'))
 ORDER BY t.name
 `
 
 // The targets that know a resource id, for a search that names no target.
 // One index probe per target: stagesync knows a resource once it has a
-// stored state, a request about it or an open change.
+// stored state, a request about it, an open change or a change that ended
+// without a request of its own (changes_quiet_end_idx).
 func (q *Queries) HistoryResourceTargets(ctx context.Context, db DBTX, resourceID string) ([]string, error) {
 	rows, err := db.Query(ctx, historyResourceTargets, resourceID)
 	if err != nil {

@@ -37,7 +37,8 @@ WHERE target = @target AND resource_id = @resource_id;
 -- name: HistoryResourceTargets :many
 -- The targets that know a resource id, for a search that names no target.
 -- One index probe per target: stagesync knows a resource once it has a
--- stored state, a request about it or an open change.
+-- stored state, a request about it, an open change or a change that ended
+-- without a request of its own (changes_quiet_end_idx).
 SELECT t.name::text AS target
 FROM stagesync.targets t
 WHERE EXISTS (SELECT 1 FROM stagesync.resources r WHERE r.target = t.name AND r.resource_id = @resource_id)
@@ -45,4 +46,7 @@ WHERE EXISTS (SELECT 1 FROM stagesync.resources r WHERE r.target = t.name AND r.
    OR EXISTS (SELECT 1 FROM stagesync.changes c
               WHERE c.resource_id = @resource_id AND c.target = t.name
                 AND c.status IN ('pending', 'processing'))
+   OR EXISTS (SELECT 1 FROM stagesync.changes c
+              WHERE c.target = t.name AND c.resource_id = @resource_id
+                AND c.status IN ('noop', 'rejected', 'dead'))
 ORDER BY t.name;

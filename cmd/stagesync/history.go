@@ -185,7 +185,7 @@ func loadHistory(ctx context.Context, conn interface {
 				}
 				switch len(targets) {
 				case 0:
-					return fmt.Errorf("resource %q: %w: no target has a stored state, a request or an open change for it", hq.resourceID, errNotFound)
+					return fmt.Errorf("resource %q: %w: no target has a stored state, a request or a change for it", hq.resourceID, errNotFound)
 				case 1:
 					rep.Target = targets[0]
 				default:

@@ -111,7 +111,8 @@ func TestHistoryOfAChangeShowsEveryRequestAndTheMerge(t *testing.T) {
 }
 
 // resource_history finds a resource's changes through its requests,
-// merges, open changes and last change, and nothing of other resources.
+// merges, open changes, last change and the changes that ended without a
+// request of their own, and nothing of other resources.
 func TestResourceHistorySQL(t *testing.T) {
 	t.Parallel()
 	_, pool := testDatabase(t)
@@ -122,6 +123,9 @@ func TestResourceHistorySQL(t *testing.T) {
 	merged := insertFixture(t, pool, fixture{target: "alpha", resourceID: "r", status: "noop", finishedAt: now})
 	last := insertFixture(t, pool, fixture{target: "alpha", resourceID: "r", status: "rejected", finishedAt: now, lastError: "refused before sending"})
 	open := insertFixture(t, pool, fixture{target: "alpha", resourceID: "r", status: "pending"})
+	// Ended without a request or merge of their own, and not the last.
+	quietNoop := insertFixture(t, pool, fixture{target: "alpha", resourceID: "r", status: "noop", finishedAt: now})
+	quietRejected := insertFixture(t, pool, fixture{target: "alpha", resourceID: "r", status: "rejected", finishedAt: now, lastError: "not found"})
 	other := insertFixture(t, pool, fixture{target: "alpha", resourceID: "s", status: "applied", finishedAt: now})
 	otherTarget := insertFixture(t, pool, fixture{target: "beta", resourceID: "r", status: "applied", finishedAt: now})
 	execSQL(t, pool, `INSERT INTO stagesync.attempts (target, resource_id, change_ids, method, url, if_match, status_code, response_etag, duration_ms, outcome)
@@ -156,8 +160,8 @@ func TestResourceHistorySQL(t *testing.T) {
 			merges++
 		}
 	}
-	require.Equal(t, map[int64]bool{sent: true, coalesced: true, merged: true, last: true, open: true}, staged)
-	require.Equal(t, map[int64]bool{sent: true, coalesced: true, merged: true, last: true}, finished)
+	require.Equal(t, map[int64]bool{sent: true, coalesced: true, merged: true, last: true, open: true, quietNoop: true, quietRejected: true}, staged)
+	require.Equal(t, map[int64]bool{sent: true, coalesced: true, merged: true, last: true, quietNoop: true, quietRejected: true}, finished)
 	require.Equal(t, 1, attempts, "the batch lookup and other resources' requests are not the resource's")
 	require.Equal(t, 1, merges)
 }
@@ -177,7 +181,7 @@ func TestHistoryRefusals(t *testing.T) {
 		{"nothing asked", nil, "history: give --change N, or --resource ID (with --target T when several targets know the id)"},
 		{"both", []string{"--change", "1", "--resource", "x"}, "history: give --change, or --resource (with --target), not both"},
 		{"unknown change", []string{"--change", "99999"}, "history: change 99999: not found (it never existed, or retention removed it)"},
-		{"unknown resource", []string{"--resource", "nope"}, `history: resource "nope": not found: no target has a stored state, a request or an open change for it`},
+		{"unknown resource", []string{"--resource", "nope"}, `history: resource "nope": not found: no target has a stored state, a request or a change for it`},
 		{"unknown resource of a target", []string{"--target", "alpha", "--resource", "nope"}, `history: resource "nope" of target "alpha": not found`},
 		{"ambiguous resource", []string{"--resource", "shared"}, `history: resource "shared" is known to the targets alpha, beta: give --target`},
 	}
@@ -270,4 +274,19 @@ func TestLookupsAreGrantedToReporting(t *testing.T) {
 			}
 		}
 	}
+}
+
+// A resource whose only change ended without a request (refused as not
+// found by the batch lookup, say) is found by a search that names no
+// target, and its change is shown.
+func TestHistoryFindsAResourceWhoseOnlyChangeSentNothing(t *testing.T) {
+	t.Parallel()
+	dbURL, pool := testDatabase(t)
+	insertTarget(t, pool, "alpha")
+	id := insertFixture(t, pool, fixture{target: "alpha", resourceID: "ghost", status: "rejected", finishedAt: time.Now(), lastError: "resource not found on the remote"})
+	var out bytes.Buffer
+	require.NoError(t, run(t.Context(), []string{"history", "--resource", "ghost", "--database-url", dbURL}, func(string) string { return "" }, &out))
+	require.Contains(t, out.String(), "RESOURCE alpha/ghost: 1 change(s)\n")
+	require.Contains(t, out.String(), fmt.Sprintf("#%d", id))
+	require.Contains(t, out.String(), "resource not found on the remote")
 }
