@@ -155,7 +155,7 @@ SET etag = EXCLUDED.etag,
     deleted = EXCLUDED.deleted,
     fetched_at = EXCLUDED.fetched_at,
     updated_at = now(),
-    last_change_id = coalesce(EXCLUDED.last_change_id, r.last_change_id),
+    last_change_id = GREATEST(EXCLUDED.last_change_id, r.last_change_id),
     field_versions = EXCLUDED.field_versions,
     in_doubt = EXCLUDED.in_doubt
 `
@@ -175,8 +175,10 @@ type ResourcesUpsertParams struct {
 
 // Stores the last known state of many resources in one statement. Empty
 // strings stand for NULL in the parallel arrays; last_change_id 0 keeps
-// the stored one. snapshot_fields is a JSON array of field names (the
-// fields a partial snapshot covers) or ” for a whole representation. The
+// the stored one, and it never goes back (GREATEST ignores NULL): a
+// late-committed lower id finishing after a higher one leaves the higher.
+// snapshot_fields is a JSON array of field names (the fields a partial
+// snapshot covers) or ” for a whole representation. The
 // caller holds each resource's lock and read field_versions and in_doubt
 // under it, so it writes them whole.
 func (q *Queries) ResourcesUpsert(ctx context.Context, db DBTX, arg ResourcesUpsertParams) error {

@@ -6,8 +6,10 @@ WHERE target = @target AND resource_id = ANY (@resource_ids::text[]);
 -- name: ResourcesUpsert :exec
 -- Stores the last known state of many resources in one statement. Empty
 -- strings stand for NULL in the parallel arrays; last_change_id 0 keeps
--- the stored one. snapshot_fields is a JSON array of field names (the
--- fields a partial snapshot covers) or '' for a whole representation. The
+-- the stored one, and it never goes back (GREATEST ignores NULL): a
+-- late-committed lower id finishing after a higher one leaves the higher.
+-- snapshot_fields is a JSON array of field names (the fields a partial
+-- snapshot covers) or '' for a whole representation. The
 -- caller holds each resource's lock and read field_versions and in_doubt
 -- under it, so it writes them whole.
 INSERT INTO stagesync.resources AS r (target, resource_id, etag, etag_raw, snapshot, snapshot_fields,
@@ -36,7 +38,7 @@ SET etag = EXCLUDED.etag,
     deleted = EXCLUDED.deleted,
     fetched_at = EXCLUDED.fetched_at,
     updated_at = now(),
-    last_change_id = coalesce(EXCLUDED.last_change_id, r.last_change_id),
+    last_change_id = GREATEST(EXCLUDED.last_change_id, r.last_change_id),
     field_versions = EXCLUDED.field_versions,
     in_doubt = EXCLUDED.in_doubt;
 
