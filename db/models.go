@@ -110,6 +110,8 @@ type Resource struct {
 	InDoubt        []byte     `json:"in_doubt"`
 	SnapshotFields []string   `json:"snapshot_fields"`
 	ETagRaw        []byte     `json:"etag_raw"`
+	WriteVersion   *int64     `json:"write_version"`
+	DeleteVersion  *int64     `json:"delete_version"`
 }
 
 type StagesyncBatchRequest struct {

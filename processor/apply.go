@@ -78,6 +78,9 @@ type changeOutcome struct {
 	// write may have put on the remote: its fields' versions still
 	// advance, so no older change overwrites them.
 	mayHaveLanded bool
+	// superseded marks a change ended noop because a newer change had
+	// already decided it (see applier.live): it settles nothing.
+	superseded bool
 }
 
 // mergeRecord becomes one stagesync.merges row.
@@ -102,6 +105,10 @@ type resourceRun struct {
 	// fieldVersions is resources.field_versions: field → id of the newest
 	// change whose value stagesync settled.
 	fieldVersions map[string]int64
+	// writeVersion and deleteVersion are resources.write_version and
+	// delete_version: the ids of the newest create or update, and of the
+	// newest delete, that stagesync settled (0: none).
+	writeVersion, deleteVersion int64
 	// inDoubt is the resource's unresolved in-doubt write, if any; verify
 	// is a resolved one whose check waits for the first write.
 	inDoubt   *inDoubtWrite
@@ -213,11 +220,21 @@ func (a *applier) run(ctx context.Context, rr *resourceRun) {
 // (a lower id made visible after a higher one was applied) loses every
 // field a newer change already settled. One left with nothing ends noop;
 // one left with some fields applies those, and says what it lost.
+// Existence obeys the same rule: a create or update older than a settled
+// delete lost all its values to it, and a delete older than a settled
+// create, update or delete was decided by that newer change; either ends
+// noop, naming it.
 func (a *applier) live(rr *resourceRun) []openChange {
 	live := make([]openChange, 0, len(rr.changes))
 	for _, c := range rr.changes {
 		if o := rr.outcomes[c.id]; o != nil && o.status != statusProcessing {
 			continue // ended already (e.g. its fields could not be read)
+		}
+		if by := rr.existenceSupersedes(c); by != "" {
+			c.detail = "superseded: " + by
+			rr.finish([]openChange{c}, statusNoop, "", "")
+			rr.outcome(c.id).superseded = true
+			continue
 		}
 		var dropped []string
 		if c.op != "delete" {
@@ -239,6 +256,7 @@ func (a *applier) live(rr *resourceRun) []openChange {
 		c.detail = "superseded: " + strings.Join(parts, "; ")
 		if len(dropped) == len(c.fields) {
 			rr.finish([]openChange{c}, statusNoop, "", "")
+			rr.outcome(c.id).superseded = true
 			continue
 		}
 		c.fields = maps.Clone(c.fields)
@@ -248,6 +266,26 @@ func (a *applier) live(rr *resourceRun) []openChange {
 		live = append(live, c)
 	}
 	return live
+}
+
+// existenceSupersedes names the newer settled change that decided whether
+// the resource exists after c, or returns "": for a create or update, a
+// newer delete (which erased its values); for a delete, a newer create,
+// update or delete.
+func (rr *resourceRun) existenceSupersedes(c openChange) string {
+	if c.op != "delete" {
+		if rr.deleteVersion > c.id {
+			return fmt.Sprintf("resource was deleted by newer change #%d", rr.deleteVersion)
+		}
+		return ""
+	}
+	switch {
+	case rr.writeVersion > c.id && rr.writeVersion > rr.deleteVersion:
+		return fmt.Sprintf("resource was written by newer change #%d", rr.writeVersion)
+	case rr.deleteVersion > c.id:
+		return fmt.Sprintf("resource was deleted by newer change #%d", rr.deleteVersion)
+	}
+	return ""
 }
 
 // segments coalesces changes: consecutive updates fold into one request,

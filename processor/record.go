@@ -248,8 +248,9 @@ func (p *Processor) recordRuns(ctx context.Context, conn *pgxpool.Conn, t *Targe
 			merges = append(merges, mp)
 		}
 		versions, moved := settledVersions(rr)
-		if rr.stateDirty || moved {
-			if err := addResource(&resources, rr, versions); err != nil {
+		exist, existMoved := settledExistence(rr)
+		if rr.stateDirty || moved || existMoved {
+			if err := addResource(&resources, rr, versions, exist); err != nil {
 				return err
 			}
 		}
@@ -359,6 +360,37 @@ func settledVersions(rr *resourceRun) (map[string]int64, bool) {
 		}
 	}
 	return versions, moved
+}
+
+// existence is a resource's write_version and delete_version.
+type existence struct{ write, delete int64 }
+
+// settledExistence returns the resource's write_version and delete_version
+// once this round's changes are recorded: the highest id of a create or
+// update, and of a delete, that ended applied, merged or noop (or dead
+// after an in-doubt write that may have landed). A change superseded by a
+// newer one settles nothing. moved says they differ from the stored ones.
+func settledExistence(rr *resourceRun) (existence, bool) {
+	e := existence{write: rr.writeVersion, delete: rr.deleteVersion}
+	for _, c := range rr.changes {
+		o := rr.outcome(c.id)
+		switch o.status {
+		case statusApplied, statusMerged, statusNoop:
+			if o.superseded {
+				continue
+			}
+		default:
+			if !o.mayHaveLanded {
+				continue
+			}
+		}
+		if c.op == "delete" {
+			e.delete = max(e.delete, c.id)
+		} else {
+			e.write = max(e.write, c.id)
+		}
+	}
+	return e, e.write != rr.writeVersion || e.delete != rr.deleteVersion
 }
 
 // pipeline queues the :exec statements sqlc generates into one pgx.Batch
@@ -599,7 +631,7 @@ func mergeParams(target, resourceID string, m mergeRecord) (db.MergesInsertParam
 // jsonb can't hold exactly (U+0000, a number beyond numeric's range, deep
 // nesting) is left out and its base becomes unknown; a snapshot over
 // maxSnapshotBytes is not stored (the base is unknown).
-func addResource(p *db.ResourcesUpsertParams, rr *resourceRun, versions map[string]int64) error {
+func addResource(p *db.ResourcesUpsertParams, rr *resourceRun, versions map[string]int64, exist existence) error {
 	st := rr.state
 	snap, fields := "", ""
 	if st.snapshot != nil {
@@ -641,6 +673,8 @@ func addResource(p *db.ResourcesUpsertParams, rr *resourceRun, versions map[stri
 	p.LastChangeIDs = append(p.LastChangeIDs, last)
 	p.FieldVersions = append(p.FieldVersions, string(fv))
 	p.InDoubts = append(p.InDoubts, doubt)
+	p.WriteVersions = append(p.WriteVersions, exist.write)
+	p.DeleteVersions = append(p.DeleteVersions, exist.delete)
 	return nil
 }
 
