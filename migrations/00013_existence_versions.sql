@@ -12,12 +12,26 @@
 -- field_versions keys are field names, of which only "id" is refused at
 -- INSERT (changes_fields_no_id); a column can never clash with a field.
 
+--
+-- changes.rejected_not_found marks a change rejected only because the
+-- remote had no such resource (a 404, or missing from a batch ETag
+-- lookup). When an older create of the same resource applies (it committed
+-- late), such rejections of newer changes are put back to pending in the
+-- same transaction, to be worked after it (queries/changes.sql
+-- ChangesReviveNotFound).
+
 -- +goose Up
 ALTER TABLE stagesync.resources
     ADD COLUMN write_version bigint,
     ADD COLUMN delete_version bigint;
+ALTER TABLE stagesync.changes
+    ADD COLUMN rejected_not_found boolean NOT NULL DEFAULT false;
+CREATE INDEX changes_not_found_idx ON stagesync.changes (target, resource_id, id)
+    WHERE rejected_not_found;
 
 -- +goose Down
+DROP INDEX stagesync.changes_not_found_idx;
+ALTER TABLE stagesync.changes DROP COLUMN rejected_not_found;
 ALTER TABLE stagesync.resources
     DROP COLUMN delete_version,
     DROP COLUMN write_version;

@@ -78,6 +78,9 @@ type changeOutcome struct {
 	// write may have put on the remote: its fields' versions still
 	// advance, so no older change overwrites them.
 	mayHaveLanded bool
+	// notFound marks a change rejected only because the remote had no such
+	// resource: an older create that commits late puts it back to work.
+	notFound bool
 	// superseded marks a change ended noop because a newer change had
 	// already decided it (see applier.live): it settles nothing.
 	superseded bool
@@ -144,6 +147,15 @@ func (rr *resourceRun) finishDetail(cs []openChange, status, errText, etag, deta
 		o := rr.outcome(c.id)
 		o.status, o.errText, o.etag = status, errText, etag
 		o.detail = joinDetail(c.detail, detail)
+	}
+}
+
+// rejectNotFound ends changes rejected because the remote has no such
+// resource (see changeOutcome.notFound).
+func (rr *resourceRun) rejectNotFound(cs []openChange, reason string) {
+	rr.finish(cs, statusRejected, reason, "")
+	for _, c := range cs {
+		rr.outcome(c.id).notFound = true
 	}
 }
 
@@ -332,7 +344,7 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 	st := rr.state
 	fields := fold(seg)
 	if st.missing {
-		rr.finish(seg, statusRejected, "resource not found on the remote (batch ETag lookup)", "")
+		rr.rejectNotFound(seg, "resource not found on the remote (batch ETag lookup)")
 		return true
 	}
 	if st.holds(fields) {
@@ -344,7 +356,7 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 		switch {
 		case cur.status == http.StatusNotFound:
 			rr.setState(resourceState{deleted: true})
-			rr.finish(seg, statusRejected, "resource not found on the remote: "+errText(cur.err), "")
+			rr.rejectNotFound(seg, "resource not found on the remote: "+errText(cur.err))
 			return true
 		case cur.status != http.StatusOK:
 			return a.failure(rr, seg, cur)
@@ -610,7 +622,7 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 	switch {
 	case cur.status == http.StatusNotFound:
 		rr.setState(resourceState{deleted: true})
-		rr.finish(live, statusRejected, "resource was deleted on the remote", "")
+		rr.rejectNotFound(live, "resource was deleted on the remote")
 		return true
 	case cur.status == http.StatusOK && cur.etag == "":
 		a.noETag(rr, live, cur)
@@ -846,6 +858,10 @@ func (a *applier) failure(rr *resourceRun, live []openChange, resp response) boo
 	reason := errText(resp.err)
 	if reason == "" {
 		reason = fmt.Sprintf("unexpected status %d", resp.status)
+	}
+	if resp.status == http.StatusNotFound {
+		rr.rejectNotFound(live, reason)
+		return true
 	}
 	rr.finish(live, statusRejected, reason, "")
 	return true

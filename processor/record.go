@@ -229,6 +229,7 @@ func (p *Processor) recordRuns(ctx context.Context, conn *pgxpool.Conn, t *Targe
 		merges    []db.MergesInsertParams
 		resources = db.ResourcesUpsertParams{Target: t.Name}
 		changes   db.ChangesRecordParams
+		revive    = db.ChangesReviveNotFoundParams{Target: t.Name}
 		retries   []scheduledRetry
 		outboxIDs []int64
 		sent      [][]attemptRecord
@@ -263,12 +264,17 @@ func (p *Processor) recordRuns(ctx context.Context, conn *pgxpool.Conn, t *Targe
 			etag, _ := storedETag(o.etag)
 			changes.AppliedETags = append(changes.AppliedETags, etag)
 			changes.OutcomeDetails = append(changes.OutcomeDetails, cleanText(o.detail, maxErrorText))
+			changes.NotFounds = append(changes.NotFounds, o.notFound)
 			if o.status != statusProcessing {
 				finished[o.status]++
 			}
 		}
 		if !rr.retryAt.IsZero() {
 			retries = append(retries, scheduledRetry{resourceID: rr.id, at: rr.retryAt})
+		}
+		if id := createdBy(rr); id != 0 {
+			revive.ResourceIDs = append(revive.ResourceIDs, rr.id)
+			revive.CreateIDs = append(revive.CreateIDs, id)
 		}
 	}
 	jobs := retryJobs(t, retries, time.Now())
@@ -296,6 +302,9 @@ func (p *Processor) recordRuns(ctx context.Context, conn *pgxpool.Conn, t *Targe
 	}
 	if len(changes.IDs) > 0 {
 		err = errors.Join(err, p.q.ChangesRecord(ctx, &pl, changes))
+	}
+	if len(revive.ResourceIDs) > 0 {
+		err = errors.Join(err, p.q.ChangesReviveNotFound(ctx, &pl, revive))
 	}
 	if err != nil {
 		return fmt.Errorf("queue the recording of %d resources: %w", len(runs), err)
@@ -360,6 +369,26 @@ func settledVersions(rr *resourceRun) (map[string]int64, bool) {
 		}
 	}
 	return versions, moved
+}
+
+// createdBy returns the id of the oldest create of the round that applied
+// (or was merged, or found its values there), or 0. Changes of the
+// resource with a higher id that were rejected only because it did not
+// exist yet are then worked again (ChangesReviveNotFound): the create
+// committed late, after them.
+func createdBy(rr *resourceRun) int64 {
+	for _, c := range rr.changes {
+		if c.op != "create" {
+			continue
+		}
+		switch o := rr.outcome(c.id); o.status {
+		case statusApplied, statusMerged, statusNoop:
+			if !o.superseded {
+				return c.id
+			}
+		}
+	}
+	return 0
 }
 
 // existence is a resource's write_version and delete_version.
@@ -520,6 +549,7 @@ func (p *Processor) recordUnrecordable(ctx context.Context, conn *pgxpool.Conn, 
 		changes.LastErrors = append(changes.LastErrors, lastError)
 		changes.AppliedETags = append(changes.AppliedETags, "")
 		changes.OutcomeDetails = append(changes.OutcomeDetails, "")
+		changes.NotFounds = append(changes.NotFounds, false)
 	}
 	inDoubt, err := doubt.encode()
 	if err != nil {

@@ -156,3 +156,53 @@ func TestLastChangeIDNeverGoesBack(t *testing.T) {
 	h.requireRemote(map[string]map[string]any{"acct": {"status": "from-newer", "owner": "from-late"}})
 	require.Equal(t, idNewer, h.lastChangeID("acct"), "last_change_id: got %d; want the higher id %d (late id %d)", h.lastChangeID("acct"), idNewer, idLate)
 }
+
+// An update newer than a create that committed late was rejected only
+// because the resource did not exist yet (404 on its GET, or missing from a
+// batch ETag lookup). When the older create applies, such rejections of
+// newer changes of the same resource are worked again, after the create,
+// and end applied. A not-found rejection of a change older than the create
+// stays rejected.
+func TestNotFoundRejectionsOfNewerChangesAreWorkedAfterALateCreate(t *testing.T) {
+	t.Parallel()
+	for _, lookup := range []string{"single GET", "batch ETag lookup"} {
+		t.Run(strings.ReplaceAll(lookup, " ", "_"), func(t *testing.T) {
+			t.Parallel()
+			h := newHarness(t, remotesim.Options{})
+			tgt := map[string]string{}
+			if lookup == "single GET" {
+				tgt["batch_etag_path"] = ""
+			}
+			h.startProcessor(configYAML(nil, tgt))
+
+			// Older than the create: rejected, and stays so.
+			idOlder := h.insert(change{resource: "acct", fields: map[string]any{"region": "from-older"}})[0]
+			h.waitDrained(30 * time.Second)
+			idCreate, commit := h.lateChange(change{resource: "acct", op: "create", fields: map[string]any{"status": "created", "owner": "crm"}})
+			idNewer := h.insert(change{resource: "acct", fields: map[string]any{"status": "from-newer"}})[0]
+			// Another resource's not-found rejection is not touched.
+			idOther := h.insert(change{resource: "other", fields: map[string]any{"status": "x"}})[0]
+			h.waitDrained(30 * time.Second)
+			rows := h.changes([]int64{idOlder, idNewer, idOther})
+			for _, id := range []int64{idOlder, idNewer, idOther} {
+				require.Equal(t, "rejected", rows[id].status, "change %d before the create commits", id)
+				require.Contains(t, rows[id].lastError, "not found", "change %d before the create commits", id)
+			}
+
+			commit()
+			h.waitDrained(30 * time.Second)
+			rows = h.changes([]int64{idOlder, idCreate, idNewer, idOther})
+			require.Equal(t, "applied", rows[idCreate].status, "the late create (last_error %q)", rows[idCreate].lastError)
+			require.Equal(t, "applied", rows[idNewer].status, "the newer update rejected as not found: got %s; want applied after the create (last_error %q)", rows[idNewer].status, rows[idNewer].lastError)
+			require.Equal(t, "rejected", rows[idOlder].status, "the older update rejected as not found")
+			require.Equal(t, "rejected", rows[idOther].status, "another resource's rejection")
+			h.requireRemote(map[string]map[string]any{"acct": {"status": "from-newer", "owner": "crm"}})
+			// The create was written before the newer change, never after it.
+			var seq []any
+			for _, v := range h.apiVersions("acct") {
+				seq = append(seq, v.Fields["status"])
+			}
+			require.Equal(t, []any{"created", "from-newer"}, seq, "api writes of status")
+		})
+	}
+}
