@@ -441,7 +441,7 @@ func (a *applier) rewriteUnread(ctx context.Context, rr *resourceRun, seg []open
 	})
 	a.r.metrics.observeMerge(a.t.Name, statusMerged)
 	fresh := resourceState{etag: conflict.etag}
-	resp := a.write(ctx, rr, seg, fresh, fields, nil)
+	resp := a.writeMerged(ctx, rr, seg, fresh, fields, nil)
 	switch {
 	case resp.status >= 200 && resp.status < 300:
 		a.succeed(rr, seg, resp, fresh, fields, nil, nil)
@@ -682,7 +682,7 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 		a.settle(rr, remaining, m.decisions, cur.etag, doubt)
 		return true
 	}
-	resp := a.write(ctx, rr, remaining, curState, m.write, theirs)
+	resp := a.writeMerged(ctx, rr, remaining, curState, m.write, theirs)
 	switch {
 	case resp.status >= 200 && resp.status < 300:
 		a.succeed(rr, remaining, resp, curState, m.write, m.decisions, doubt)
@@ -733,6 +733,17 @@ func reviewNeeded(c openChange, m mergeResult) string {
 func (a *applier) write(ctx context.Context, rr *resourceRun, live []openChange, st resourceState, fields, base map[string]any) response {
 	resp := a.do(ctx, a.writeRequest(rr, live, st, fields))
 	a.count(rr, live, resp, base)
+	return resp
+}
+
+// writeMerged is write for the fields of a merge: if its outcome is
+// unknown, the in-doubt write is marked merged, so that its changes end
+// merged (as their merges row says) once it is known to have landed.
+func (a *applier) writeMerged(ctx context.Context, rr *resourceRun, live []openChange, st resourceState, fields, base map[string]any) response {
+	resp := a.write(ctx, rr, live, st, fields, base)
+	if resp.unknown && rr.inDoubt != nil {
+		rr.inDoubt.Merged = true
+	}
 	return resp
 }
 
@@ -787,6 +798,10 @@ func (a *applier) settle(rr *resourceRun, live []openChange, decisions map[strin
 		switch {
 		case !took && len(kept) == 0 && doubt != nil && slices.Contains(doubt.ChangeIDs, c.id):
 			// Its in-doubt write landed: the remote shows every value.
+			if doubt.Merged {
+				rr.finishDetail([]openChange{c}, statusMerged, "", "", mergedDoubtDetail)
+				continue
+			}
 			rr.finishDetail([]openChange{c}, statusApplied, "", "", "written by an earlier request whose answer was lost; the remote shows its values")
 		case len(kept) > 0:
 			slices.Sort(kept)

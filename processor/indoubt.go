@@ -30,6 +30,11 @@ type inDoubtWrite struct {
 	Base      map[string]any `json:"base,omitempty"`
 	ChangeIDs []int64        `json:"change_ids"`
 	At        time.Time      `json:"at"`
+	// Merged marks a write made after a conflict's merge, whose merges row
+	// was recorded with it: its changes end merged once it is known to
+	// have landed, not applied. (A leftover outbox row never has it: the
+	// recording that would have kept the merges row was lost with it.)
+	Merged bool `json:"merged,omitempty"`
 }
 
 // inDoubtFrom describes an unknown write for stagesync.resources.in_doubt.
@@ -176,7 +181,11 @@ func (a *applier) resolveInDoubt(ctx context.Context, rr *resourceRun, live []op
 					snap, covers := a.newSnapshot(resp, rr.state, d.Body)
 					rr.setState(resourceState{etag: resp.etag, snapshot: snap, covers: covers})
 				}
-				rr.finish(open, statusApplied, "", resp.etag)
+				if d.Merged {
+					rr.finishDetail(open, statusMerged, "", resp.etag, mergedDoubtDetail)
+				} else {
+					rr.finish(open, statusApplied, "", resp.etag)
+				}
 			}
 			return without(live, open), true
 		case a.t.isConflict(resp.status), resp.status == http.StatusPreconditionFailed && d.IfNoneMatch == "*":
@@ -223,6 +232,10 @@ func (a *applier) resolveInDoubt(ctx context.Context, rr *resourceRun, live []op
 	}
 	return live, true
 }
+
+// mergedDoubtDetail is the outcome_detail of a change whose merged write's
+// answer was lost and which is now known to have landed.
+const mergedDoubtDetail = "written after a merge by an earlier request whose answer was lost; the remote shows its values (the merges row has the decisions)"
 
 // carried returns the changes of live that the in-doubt write carried.
 func (w *inDoubtWrite) carried(live []openChange) []openChange {
