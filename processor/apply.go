@@ -236,8 +236,14 @@ func (a *applier) run(ctx context.Context, rr *resourceRun) {
 // delete lost all its values to it, and a delete older than a settled
 // create, update or delete was decided by that newer change; either ends
 // noop, naming it.
+//
+// A write in doubt counts as settled for this: the fields it carried for
+// its open changes are theirs before any older change is looked at, so an
+// older change committed late never writes over a value that may be on
+// the remote, whatever the in-doubt write turns out to be.
 func (a *applier) live(rr *resourceRun) []openChange {
 	live := make([]openChange, 0, len(rr.changes))
+	versions := rr.doubtVersions()
 	for _, c := range rr.changes {
 		if o := rr.outcomes[c.id]; o != nil && o.status != statusProcessing {
 			continue // ended already (e.g. its fields could not be read)
@@ -251,7 +257,7 @@ func (a *applier) live(rr *resourceRun) []openChange {
 		var dropped []string
 		if c.op != "delete" {
 			for f := range c.fields {
-				if rr.fieldVersions[f] > c.id {
+				if versions[f] > c.id {
 					dropped = append(dropped, f)
 				}
 			}
@@ -263,7 +269,7 @@ func (a *applier) live(rr *resourceRun) []openChange {
 		slices.Sort(dropped)
 		parts := make([]string, len(dropped))
 		for i, f := range dropped {
-			parts[i] = fmt.Sprintf("field %s was set by newer change #%d", f, rr.fieldVersions[f])
+			parts[i] = fmt.Sprintf("field %s was set by newer change #%d", f, versions[f])
 		}
 		c.detail = "superseded: " + strings.Join(parts, "; ")
 		if len(dropped) == len(c.fields) {
@@ -278,6 +284,29 @@ func (a *applier) live(rr *resourceRun) []openChange {
 		live = append(live, c)
 	}
 	return live
+}
+
+// doubtVersions is fieldVersions with the fields of the open changes the
+// resource's in-doubt write carried (those it sent, when its body is
+// known) counted as set by them.
+func (rr *resourceRun) doubtVersions() map[string]int64 {
+	d := rr.inDoubt
+	if d == nil || len(d.ChangeIDs) == 0 {
+		return rr.fieldVersions
+	}
+	versions := maps.Clone(rr.fieldVersions)
+	if versions == nil {
+		versions = map[string]int64{}
+	}
+	for _, c := range d.carried(rr.changes) {
+		for f := range c.fields {
+			if _, sent := d.Body[f]; d.Body != nil && !sent {
+				continue
+			}
+			versions[f] = max(versions[f], c.id)
+		}
+	}
+	return versions
 }
 
 // existenceSupersedes names the newer settled change that decided whether

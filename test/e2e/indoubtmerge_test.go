@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -108,4 +109,72 @@ func TestInDoubtResolvedByAGetGivesUntouchedFieldsABase(t *testing.T) {
 	require.NoError(t, h.pool.QueryRow(context.Background(), `SELECT coalesce(snapshot->>'owner', '') FROM stagesync.resources WHERE resource_id = 'acct'`).Scan(&owner))
 	require.Equal(t, "crm-owner", owner, "stored snapshot's owner after the resolution")
 	require.Positive(t, h.count(`SELECT count(*) FROM stagesync.attempts WHERE method = 'PATCH' AND outcome = 'unknown'`), "the dropped answer's attempts row")
+}
+
+// A write in doubt counts for its fields before any older change: a change
+// with a lower id that commits late, while the resource has an unresolved
+// write of a newer change (its connection dropped after the remote
+// committed it), loses the fields that write carried, whatever the
+// resolution finds: the remote replays the answer (the newer change ends
+// applied), or a person edited the field after our write (the newer change
+// ends dead, needs_review). The older value is never written over either.
+func TestLateOlderChangeLosesTheFieldsOfAWriteInDoubt(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name         string
+		idempotent   bool
+		personEdits  bool
+		wantNewer    string
+		wantOlder    string // it still sets region
+		wantStatusOn string
+	}{
+		{name: "the remote replays the answer", idempotent: true, wantNewer: "applied", wantOlder: "applied", wantStatusOn: "from-newer"},
+		// Written with the merge that sent the newer change to review.
+		{name: "a person edits after our write", personEdits: true, wantNewer: "dead", wantOlder: "merged", wantStatusOn: "person"},
+	} {
+		t.Run(strings.ReplaceAll(tc.name, " ", "_"), func(t *testing.T) {
+			t.Parallel()
+			h := newHarness(t, remotesim.Options{ConflictStatus: 412, IdempotencyCache: tc.idempotent})
+			h.sim.Put("acct", map[string]any{"status": "open", "owner": "seed"})
+			h.startProcessor(configYAML(nil, map[string]string{"max_attempts": "20"}))
+			h.insert(change{resource: "acct", fields: map[string]any{"note": "w1"}})
+			h.waitDrained(30 * time.Second)
+
+			older, commitOlder := h.lateChange(change{resource: "acct", fields: map[string]any{"status": "from-older", "region": "older-region"}})
+			var once sync.Once
+			h.sim.SetHooks(remotesim.Hooks{AfterCommitFunc: func(context.Context, remotesim.Commit) {
+				once.Do(func() {
+					// Runs after the newer write committed, before its answer is
+					// dropped: the older change becomes visible while the newer
+					// one's write is in doubt.
+					h.sim.SetFaults(remotesim.Faults{})
+					if tc.personEdits {
+						h.sim.Edit("acct", map[string]any{"status": "person"}, "other-user")
+					}
+					if err := commitOlder(); err != nil {
+						t.Errorf("commit the older change: %v", err)
+					}
+				})
+			}})
+			h.sim.SetFaults(remotesim.Faults{DropAfterCommitRate: 1})
+			newer := h.insert(change{resource: "acct", fields: map[string]any{"status": "from-newer"}})[0]
+			require.Greater(t, newer, older)
+			h.waitFor("the older change committed", 30*time.Second, func() bool {
+				return h.count(`SELECT count(*) FROM stagesync.changes WHERE id = $1`, older) == 1
+			})
+			h.waitDrained(30 * time.Second)
+
+			rows := h.changes([]int64{older, newer})
+			require.Equal(t, tc.wantNewer, rows[newer].status, "newer change (last_error %q)", rows[newer].lastError)
+			require.Equal(t, tc.wantOlder, rows[older].status, "older change: it still sets region (last_error %q)", rows[older].lastError)
+			want := fmt.Sprintf("superseded: field status was set by newer change #%d", newer)
+			require.Equal(t, want, h.outcomeDetail(older), "older change's outcome_detail")
+			got, _, _ := h.sim.Get("acct")
+			require.Equal(t, tc.wantStatusOn, got["status"], "remote status: got %v; want %v (never the older value)", got["status"], tc.wantStatusOn)
+			require.Equal(t, "older-region", got["region"], "remote region")
+			for _, v := range h.apiVersions("acct") {
+				require.NotEqual(t, "from-older", v.Written["status"], "api write %v carried the older status", v.Written)
+			}
+		})
+	}
 }

@@ -16,8 +16,9 @@ import (
 
 // lateChange stages c in a transaction of its own connection and leaves it
 // open: the change has its id now and becomes visible only at commit, like
-// an upstream batch that commits after a newer one.
-func (h *harness) lateChange(c change) (id int64, commit func()) {
+// an upstream batch that commits after a newer one. commit may be called
+// from any goroutine.
+func (h *harness) lateChange(c change) (id int64, commit func() error) {
 	h.t.Helper()
 	ctx := context.Background()
 	tx, err := h.pool.Begin(ctx)
@@ -34,10 +35,7 @@ func (h *harness) lateChange(c change) (id int64, commit func()) {
 	}
 	require.NoError(h.t, tx.QueryRow(ctx, `INSERT INTO stagesync.changes (target, resource_id, op, fields)
 		VALUES ($1, $2, $3, $4::jsonb) RETURNING id`, target, c.resource, op, string(fields)).Scan(&id))
-	return id, func() {
-		h.t.Helper()
-		require.NoError(h.t, tx.Commit(ctx))
-	}
+	return id, func() error { return tx.Commit(ctx) }
 }
 
 // lastChangeID reads resources.last_change_id of a resource (0 for NULL).
@@ -119,7 +117,7 @@ func TestLateCreateOrDeleteNeverUndoesANewerOne(t *testing.T) {
 			require.Equal(t, "applied", h.changes([]int64{idNewer})[idNewer].status, "newer change before the late one commits")
 			versions := len(h.sim.History("acct"))
 
-			commit()
+			require.NoError(t, commit())
 			h.waitDrained(30 * time.Second)
 
 			row := h.changes([]int64{idLate})[idLate]
@@ -150,7 +148,7 @@ func TestLastChangeIDNeverGoesBack(t *testing.T) {
 	idNewer := h.insert(change{resource: "acct", fields: map[string]any{"status": "from-newer"}})[0]
 	h.waitDrained(30 * time.Second)
 	require.Equal(t, idNewer, h.lastChangeID("acct"))
-	commit()
+	require.NoError(t, commit())
 	h.waitDrained(30 * time.Second)
 	require.Equal(t, "applied", h.changes([]int64{idLate})[idLate].status)
 	h.requireRemote(map[string]map[string]any{"acct": {"status": "from-newer", "owner": "from-late"}})
@@ -189,7 +187,7 @@ func TestNotFoundRejectionsOfNewerChangesAreWorkedAfterALateCreate(t *testing.T)
 				require.Contains(t, rows[id].lastError, "not found", "change %d before the create commits", id)
 			}
 
-			commit()
+			require.NoError(t, commit())
 			h.waitDrained(30 * time.Second)
 			rows = h.changes([]int64{idOlder, idCreate, idNewer, idOther})
 			require.Equal(t, "applied", rows[idCreate].status, "the late create (last_error %q)", rows[idCreate].lastError)
