@@ -164,14 +164,16 @@ SET status = u.status,
     applied_etag = coalesce(nullif(u.applied_etag, ''), c.applied_etag),
     outcome_detail = CASE WHEN u.status IN ('pending', 'processing') THEN c.outcome_detail
                           ELSE nullif(u.outcome_detail, '') END,
-    finished_at = CASE WHEN u.status IN ('pending', 'processing') THEN NULL ELSE now() END
+    finished_at = CASE WHEN u.status IN ('pending', 'processing') THEN NULL ELSE now() END,
+    rejected_not_found = u.status = 'rejected' AND u.not_found
 FROM (
     SELECT unnest($1::bigint[]) AS id,
            unnest($2::text[]) AS status,
            unnest($3::integer[]) AS add_attempts,
            unnest($4::text[]) AS last_error,
            unnest($5::text[]) AS applied_etag,
-           unnest($6::text[]) AS outcome_detail
+           unnest($6::text[]) AS outcome_detail,
+           unnest($7::boolean[]) AS not_found
 ) AS u
 WHERE c.id = u.id
   AND c.status IN ('pending', 'processing')
@@ -184,13 +186,15 @@ type ChangesRecordParams struct {
 	LastErrors     []string `json:"last_errors"`
 	AppliedETags   []string `json:"applied_etags"`
 	OutcomeDetails []string `json:"outcome_details"`
+	NotFounds      []bool   `json:"not_founds"`
 }
 
 // Records the outcome of many changes in one statement: a terminal state,
 // or 'processing' with the attempts counted when a retry job is scheduled.
 // Empty strings stand for NULL in the parallel arrays. outcome_detail says
 // why a terminal change ended as it did (superseded fields, fields kept
-// from the remote).
+// from the remote). rejected_not_found says a rejection was only because
+// the remote had no such resource (see ChangesReviveNotFound).
 func (q *Queries) ChangesRecord(ctx context.Context, db DBTX, arg ChangesRecordParams) error {
 	_, err := db.Exec(ctx, changesRecord,
 		arg.IDs,
@@ -199,6 +203,7 @@ func (q *Queries) ChangesRecord(ctx context.Context, db DBTX, arg ChangesRecordP
 		arg.LastErrors,
 		arg.AppliedETags,
 		arg.OutcomeDetails,
+		arg.NotFounds,
 	)
 	return err
 }
@@ -212,4 +217,39 @@ func (q *Queries) ChangesResetOrphaned(ctx context.Context, db DBTX, cutoff time
 	var reset int32
 	err := row.Scan(&reset)
 	return reset, err
+}
+
+const changesReviveNotFound = `-- name: ChangesReviveNotFound :exec
+WITH revived AS (
+    UPDATE stagesync.changes c
+    SET status = 'pending', rejected_not_found = false, finished_at = NULL,
+        outcome_detail = NULL, applied_etag = NULL,
+        last_error = 'worked again: rejected as not found before its older create #' || u.after_id
+            || ' committed and applied (' || coalesce(c.last_error, '') || ')'
+    FROM (
+        SELECT unnest($2::text[]) AS resource_id,
+               unnest($3::bigint[]) AS after_id
+    ) AS u
+    WHERE c.target = $1 AND c.resource_id = u.resource_id AND c.id > u.after_id
+      AND c.rejected_not_found AND c.status = 'rejected'
+    RETURNING 1
+)
+SELECT pg_notify('stagesync_changes', 'REQUEUE') FROM (SELECT 1 FROM revived LIMIT 1) AS r
+`
+
+type ChangesReviveNotFoundParams struct {
+	Target      string   `json:"target"`
+	ResourceIDs []string `json:"resource_ids"`
+	CreateIDs   []int64  `json:"create_ids"`
+}
+
+// Puts back to pending the changes rejected only because the resource did
+// not exist yet, when an older create of the same resource has just
+// applied (it committed late): per resource, those with an id above the
+// create's (@create_ids). Runs in the transaction that records the create,
+// whose caller holds the resource's lock; the job's next round (or the
+// claimer, notified) works them after the create.
+func (q *Queries) ChangesReviveNotFound(ctx context.Context, db DBTX, arg ChangesReviveNotFoundParams) error {
+	_, err := db.Exec(ctx, changesReviveNotFound, arg.Target, arg.ResourceIDs, arg.CreateIDs)
+	return err
 }

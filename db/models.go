@@ -47,21 +47,22 @@ type Backlog struct {
 }
 
 type Change struct {
-	ID             int64      `json:"id"`
-	Target         string     `json:"target"`
-	ResourceID     string     `json:"resource_id"`
-	Op             string     `json:"op"`
-	Fields         []byte     `json:"fields"`
-	Source         string     `json:"source"`
-	IdempotencyKey *string    `json:"idempotency_key"`
-	Status         string     `json:"status"`
-	Attempts       int32      `json:"attempts"`
-	LastError      *string    `json:"last_error"`
-	CreatedAt      time.Time  `json:"created_at"`
-	UpdatedAt      time.Time  `json:"updated_at"`
-	FinishedAt     *time.Time `json:"finished_at"`
-	AppliedETag    *string    `json:"applied_etag"`
-	OutcomeDetail  *string    `json:"outcome_detail"`
+	ID               int64      `json:"id"`
+	Target           string     `json:"target"`
+	ResourceID       string     `json:"resource_id"`
+	Op               string     `json:"op"`
+	Fields           []byte     `json:"fields"`
+	Source           string     `json:"source"`
+	IdempotencyKey   *string    `json:"idempotency_key"`
+	Status           string     `json:"status"`
+	Attempts         int32      `json:"attempts"`
+	LastError        *string    `json:"last_error"`
+	CreatedAt        time.Time  `json:"created_at"`
+	UpdatedAt        time.Time  `json:"updated_at"`
+	FinishedAt       *time.Time `json:"finished_at"`
+	AppliedETag      *string    `json:"applied_etag"`
+	OutcomeDetail    *string    `json:"outcome_detail"`
+	RejectedNotFound bool       `json:"rejected_not_found"`
 }
 
 type ConflictRate struct {
@@ -110,6 +111,8 @@ type Resource struct {
 	InDoubt        []byte     `json:"in_doubt"`
 	SnapshotFields []string   `json:"snapshot_fields"`
 	ETagRaw        []byte     `json:"etag_raw"`
+	WriteVersion   *int64     `json:"write_version"`
+	DeleteVersion  *int64     `json:"delete_version"`
 }
 
 type StagesyncBatchRequest struct {

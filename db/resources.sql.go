@@ -78,7 +78,8 @@ func (q *Queries) ResourceMarkInDoubt(ctx context.Context, db DBTX, arg Resource
 }
 
 const resourcesGet = `-- name: ResourcesGet :many
-SELECT resource_id, etag, etag_raw, snapshot, snapshot_fields, deleted, field_versions, in_doubt
+SELECT resource_id, etag, etag_raw, snapshot, snapshot_fields, deleted, field_versions, in_doubt,
+       write_version, delete_version
 FROM stagesync.resources
 WHERE target = $1 AND resource_id = ANY ($2::text[])
 `
@@ -97,6 +98,8 @@ type ResourcesGetRow struct {
 	Deleted        bool     `json:"deleted"`
 	FieldVersions  []byte   `json:"field_versions"`
 	InDoubt        []byte   `json:"in_doubt"`
+	WriteVersion   *int64   `json:"write_version"`
+	DeleteVersion  *int64   `json:"delete_version"`
 }
 
 func (q *Queries) ResourcesGet(ctx context.Context, db DBTX, arg ResourcesGetParams) ([]ResourcesGetRow, error) {
@@ -117,6 +120,8 @@ func (q *Queries) ResourcesGet(ctx context.Context, db DBTX, arg ResourcesGetPar
 			&i.Deleted,
 			&i.FieldVersions,
 			&i.InDoubt,
+			&i.WriteVersion,
+			&i.DeleteVersion,
 		); err != nil {
 			return nil, err
 		}
@@ -130,12 +135,14 @@ func (q *Queries) ResourcesGet(ctx context.Context, db DBTX, arg ResourcesGetPar
 
 const resourcesUpsert = `-- name: ResourcesUpsert :exec
 INSERT INTO stagesync.resources AS r (target, resource_id, etag, etag_raw, snapshot, snapshot_fields,
-    deleted, fetched_at, updated_at, last_change_id, field_versions, in_doubt)
+    deleted, fetched_at, updated_at, last_change_id, field_versions, in_doubt, write_version,
+    delete_version)
 SELECT $1::text, u.resource_id, nullif(u.etag, ''), u.etag_raw, nullif(u.snapshot, '')::jsonb,
        CASE WHEN u.snapshot_fields = '' THEN NULL
             ELSE ARRAY(SELECT jsonb_array_elements_text(u.snapshot_fields::jsonb)) END,
        u.deleted, now(), now(), nullif(u.last_change_id, 0),
-       u.field_versions::jsonb, nullif(u.in_doubt, '')::jsonb
+       u.field_versions::jsonb, nullif(u.in_doubt, '')::jsonb, nullif(u.write_version, 0),
+       nullif(u.delete_version, 0)
 FROM (
     SELECT unnest($2::text[]) AS resource_id,
            unnest($3::text[]) AS etag,
@@ -145,7 +152,9 @@ FROM (
            unnest($7::boolean[]) AS deleted,
            unnest($8::bigint[]) AS last_change_id,
            unnest($9::text[]) AS field_versions,
-           unnest($10::text[]) AS in_doubt
+           unnest($10::text[]) AS in_doubt,
+           unnest($11::bigint[]) AS write_version,
+           unnest($12::bigint[]) AS delete_version
 ) AS u
 ON CONFLICT (target, resource_id) DO UPDATE
 SET etag = EXCLUDED.etag,
@@ -155,9 +164,11 @@ SET etag = EXCLUDED.etag,
     deleted = EXCLUDED.deleted,
     fetched_at = EXCLUDED.fetched_at,
     updated_at = now(),
-    last_change_id = coalesce(EXCLUDED.last_change_id, r.last_change_id),
+    last_change_id = GREATEST(EXCLUDED.last_change_id, r.last_change_id),
     field_versions = EXCLUDED.field_versions,
-    in_doubt = EXCLUDED.in_doubt
+    in_doubt = EXCLUDED.in_doubt,
+    write_version = GREATEST(EXCLUDED.write_version, r.write_version),
+    delete_version = GREATEST(EXCLUDED.delete_version, r.delete_version)
 `
 
 type ResourcesUpsertParams struct {
@@ -171,14 +182,19 @@ type ResourcesUpsertParams struct {
 	LastChangeIDs  []int64  `json:"last_change_ids"`
 	FieldVersions  []string `json:"field_versions"`
 	InDoubts       []string `json:"in_doubts"`
+	WriteVersions  []int64  `json:"write_versions"`
+	DeleteVersions []int64  `json:"delete_versions"`
 }
 
 // Stores the last known state of many resources in one statement. Empty
 // strings stand for NULL in the parallel arrays; last_change_id 0 keeps
-// the stored one. snapshot_fields is a JSON array of field names (the
-// fields a partial snapshot covers) or ” for a whole representation. The
+// the stored one, and it never goes back (GREATEST ignores NULL): a
+// late-committed lower id finishing after a higher one leaves the higher.
+// snapshot_fields is a JSON array of field names (the fields a partial
+// snapshot covers) or ” for a whole representation. The
 // caller holds each resource's lock and read field_versions and in_doubt
-// under it, so it writes them whole.
+// under it, so it writes them whole. write_version and delete_version
+// (0: none) never go back, like last_change_id.
 func (q *Queries) ResourcesUpsert(ctx context.Context, db DBTX, arg ResourcesUpsertParams) error {
 	_, err := db.Exec(ctx, resourcesUpsert,
 		arg.Target,
@@ -191,6 +207,8 @@ func (q *Queries) ResourcesUpsert(ctx context.Context, db DBTX, arg ResourcesUps
 		arg.LastChangeIDs,
 		arg.FieldVersions,
 		arg.InDoubts,
+		arg.WriteVersions,
+		arg.DeleteVersions,
 	)
 	return err
 }

@@ -78,6 +78,12 @@ type changeOutcome struct {
 	// write may have put on the remote: its fields' versions still
 	// advance, so no older change overwrites them.
 	mayHaveLanded bool
+	// notFound marks a change rejected only because the remote had no such
+	// resource: an older create that commits late puts it back to work.
+	notFound bool
+	// superseded marks a change ended noop because a newer change had
+	// already decided it (see applier.live): it settles nothing.
+	superseded bool
 }
 
 // mergeRecord becomes one stagesync.merges row.
@@ -102,6 +108,10 @@ type resourceRun struct {
 	// fieldVersions is resources.field_versions: field → id of the newest
 	// change whose value stagesync settled.
 	fieldVersions map[string]int64
+	// writeVersion and deleteVersion are resources.write_version and
+	// delete_version: the ids of the newest create or update, and of the
+	// newest delete, that stagesync settled (0: none).
+	writeVersion, deleteVersion int64
 	// inDoubt is the resource's unresolved in-doubt write, if any; verify
 	// is a resolved one whose check waits for the first write.
 	inDoubt   *inDoubtWrite
@@ -137,6 +147,15 @@ func (rr *resourceRun) finishDetail(cs []openChange, status, errText, etag, deta
 		o := rr.outcome(c.id)
 		o.status, o.errText, o.etag = status, errText, etag
 		o.detail = joinDetail(c.detail, detail)
+	}
+}
+
+// rejectNotFound ends changes rejected because the remote has no such
+// resource (see changeOutcome.notFound).
+func (rr *resourceRun) rejectNotFound(cs []openChange, reason string) {
+	rr.finish(cs, statusRejected, reason, "")
+	for _, c := range cs {
+		rr.outcome(c.id).notFound = true
 	}
 }
 
@@ -213,16 +232,32 @@ func (a *applier) run(ctx context.Context, rr *resourceRun) {
 // (a lower id made visible after a higher one was applied) loses every
 // field a newer change already settled. One left with nothing ends noop;
 // one left with some fields applies those, and says what it lost.
+// Existence obeys the same rule: a create or update older than a settled
+// delete lost all its values to it, and a delete older than a settled
+// create, update or delete was decided by that newer change; either ends
+// noop, naming it.
+//
+// A write in doubt counts as settled for this: the fields it carried for
+// its open changes are theirs before any older change is looked at, so an
+// older change committed late never writes over a value that may be on
+// the remote, whatever the in-doubt write turns out to be.
 func (a *applier) live(rr *resourceRun) []openChange {
 	live := make([]openChange, 0, len(rr.changes))
+	versions := rr.doubtVersions()
 	for _, c := range rr.changes {
 		if o := rr.outcomes[c.id]; o != nil && o.status != statusProcessing {
 			continue // ended already (e.g. its fields could not be read)
 		}
+		if by := rr.existenceSupersedes(c); by != "" {
+			c.detail = "superseded: " + by
+			rr.finish([]openChange{c}, statusNoop, "", "")
+			rr.outcome(c.id).superseded = true
+			continue
+		}
 		var dropped []string
 		if c.op != "delete" {
 			for f := range c.fields {
-				if rr.fieldVersions[f] > c.id {
+				if versions[f] > c.id {
 					dropped = append(dropped, f)
 				}
 			}
@@ -234,11 +269,12 @@ func (a *applier) live(rr *resourceRun) []openChange {
 		slices.Sort(dropped)
 		parts := make([]string, len(dropped))
 		for i, f := range dropped {
-			parts[i] = fmt.Sprintf("field %s was set by newer change #%d", f, rr.fieldVersions[f])
+			parts[i] = fmt.Sprintf("field %s was set by newer change #%d", f, versions[f])
 		}
 		c.detail = "superseded: " + strings.Join(parts, "; ")
 		if len(dropped) == len(c.fields) {
 			rr.finish([]openChange{c}, statusNoop, "", "")
+			rr.outcome(c.id).superseded = true
 			continue
 		}
 		c.fields = maps.Clone(c.fields)
@@ -248,6 +284,49 @@ func (a *applier) live(rr *resourceRun) []openChange {
 		live = append(live, c)
 	}
 	return live
+}
+
+// doubtVersions is fieldVersions with the fields of the open changes the
+// resource's in-doubt write carried (those it sent, when its body is
+// known) counted as set by them.
+func (rr *resourceRun) doubtVersions() map[string]int64 {
+	d := rr.inDoubt
+	if d == nil || len(d.ChangeIDs) == 0 {
+		return rr.fieldVersions
+	}
+	versions := maps.Clone(rr.fieldVersions)
+	if versions == nil {
+		versions = map[string]int64{}
+	}
+	for _, c := range d.carried(rr.changes) {
+		for f := range c.fields {
+			if _, sent := d.Body[f]; d.Body != nil && !sent {
+				continue
+			}
+			versions[f] = max(versions[f], c.id)
+		}
+	}
+	return versions
+}
+
+// existenceSupersedes names the newer settled change that decided whether
+// the resource exists after c, or returns "": for a create or update, a
+// newer delete (which erased its values); for a delete, a newer create,
+// update or delete.
+func (rr *resourceRun) existenceSupersedes(c openChange) string {
+	if c.op != "delete" {
+		if rr.deleteVersion > c.id {
+			return fmt.Sprintf("resource was deleted by newer change #%d", rr.deleteVersion)
+		}
+		return ""
+	}
+	switch {
+	case rr.writeVersion > c.id && rr.writeVersion > rr.deleteVersion:
+		return fmt.Sprintf("resource was written by newer change #%d", rr.writeVersion)
+	case rr.deleteVersion > c.id:
+		return fmt.Sprintf("resource was deleted by newer change #%d", rr.deleteVersion)
+	}
+	return ""
 }
 
 // segments coalesces changes: consecutive updates fold into one request,
@@ -294,7 +373,7 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 	st := rr.state
 	fields := fold(seg)
 	if st.missing {
-		rr.finish(seg, statusRejected, "resource not found on the remote (batch ETag lookup)", "")
+		rr.rejectNotFound(seg, "resource not found on the remote (batch ETag lookup)")
 		return true
 	}
 	if st.holds(fields) {
@@ -306,7 +385,7 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 		switch {
 		case cur.status == http.StatusNotFound:
 			rr.setState(resourceState{deleted: true})
-			rr.finish(seg, statusRejected, "resource not found on the remote: "+errText(cur.err), "")
+			rr.rejectNotFound(seg, "resource not found on the remote: "+errText(cur.err))
 			return true
 		case cur.status != http.StatusOK:
 			return a.failure(rr, seg, cur)
@@ -391,7 +470,7 @@ func (a *applier) rewriteUnread(ctx context.Context, rr *resourceRun, seg []open
 	})
 	a.r.metrics.observeMerge(a.t.Name, statusMerged)
 	fresh := resourceState{etag: conflict.etag}
-	resp := a.write(ctx, rr, seg, fresh, fields, nil)
+	resp := a.writeMerged(ctx, rr, seg, fresh, fields, nil)
 	switch {
 	case resp.status >= 200 && resp.status < 300:
 		a.succeed(rr, seg, resp, fresh, fields, nil, nil)
@@ -572,7 +651,7 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 	switch {
 	case cur.status == http.StatusNotFound:
 		rr.setState(resourceState{deleted: true})
-		rr.finish(live, statusRejected, "resource was deleted on the remote", "")
+		rr.rejectNotFound(live, "resource was deleted on the remote")
 		return true
 	case cur.status == http.StatusOK && cur.etag == "":
 		a.noETag(rr, live, cur)
@@ -632,7 +711,7 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 		a.settle(rr, remaining, m.decisions, cur.etag, doubt)
 		return true
 	}
-	resp := a.write(ctx, rr, remaining, curState, m.write, theirs)
+	resp := a.writeMerged(ctx, rr, remaining, curState, m.write, theirs)
 	switch {
 	case resp.status >= 200 && resp.status < 300:
 		a.succeed(rr, remaining, resp, curState, m.write, m.decisions, doubt)
@@ -683,6 +762,17 @@ func reviewNeeded(c openChange, m mergeResult) string {
 func (a *applier) write(ctx context.Context, rr *resourceRun, live []openChange, st resourceState, fields, base map[string]any) response {
 	resp := a.do(ctx, a.writeRequest(rr, live, st, fields))
 	a.count(rr, live, resp, base)
+	return resp
+}
+
+// writeMerged is write for the fields of a merge: if its outcome is
+// unknown, the in-doubt write is marked merged, so that its changes end
+// merged (as their merges row says) once it is known to have landed.
+func (a *applier) writeMerged(ctx context.Context, rr *resourceRun, live []openChange, st resourceState, fields, base map[string]any) response {
+	resp := a.write(ctx, rr, live, st, fields, base)
+	if resp.unknown && rr.inDoubt != nil {
+		rr.inDoubt.Merged = true
+	}
 	return resp
 }
 
@@ -737,6 +827,10 @@ func (a *applier) settle(rr *resourceRun, live []openChange, decisions map[strin
 		switch {
 		case !took && len(kept) == 0 && doubt != nil && slices.Contains(doubt.ChangeIDs, c.id):
 			// Its in-doubt write landed: the remote shows every value.
+			if doubt.Merged {
+				rr.finishDetail([]openChange{c}, statusMerged, "", "", mergedDoubtDetail)
+				continue
+			}
 			rr.finishDetail([]openChange{c}, statusApplied, "", "", "written by an earlier request whose answer was lost; the remote shows its values")
 		case len(kept) > 0:
 			slices.Sort(kept)
@@ -808,6 +902,10 @@ func (a *applier) failure(rr *resourceRun, live []openChange, resp response) boo
 	reason := errText(resp.err)
 	if reason == "" {
 		reason = fmt.Sprintf("unexpected status %d", resp.status)
+	}
+	if resp.status == http.StatusNotFound {
+		rr.rejectNotFound(live, reason)
+		return true
 	}
 	rr.finish(live, statusRejected, reason, "")
 	return true

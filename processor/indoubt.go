@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/http"
 	"slices"
 	"time"
@@ -30,6 +31,11 @@ type inDoubtWrite struct {
 	Base      map[string]any `json:"base,omitempty"`
 	ChangeIDs []int64        `json:"change_ids"`
 	At        time.Time      `json:"at"`
+	// Merged marks a write made after a conflict's merge, whose merges row
+	// was recorded with it: its changes end merged once it is known to
+	// have landed, not applied. (A leftover outbox row never has it: the
+	// recording that would have kept the merges row was lost with it.)
+	Merged bool `json:"merged,omitempty"`
 }
 
 // inDoubtFrom describes an unknown write for stagesync.resources.in_doubt.
@@ -176,7 +182,11 @@ func (a *applier) resolveInDoubt(ctx context.Context, rr *resourceRun, live []op
 					snap, covers := a.newSnapshot(resp, rr.state, d.Body)
 					rr.setState(resourceState{etag: resp.etag, snapshot: snap, covers: covers})
 				}
-				rr.finish(open, statusApplied, "", resp.etag)
+				if d.Merged {
+					rr.finishDetail(open, statusMerged, "", resp.etag, mergedDoubtDetail)
+				} else {
+					rr.finish(open, statusApplied, "", resp.etag)
+				}
 			}
 			return without(live, open), true
 		case a.t.isConflict(resp.status), resp.status == http.StatusPreconditionFailed && d.IfNoneMatch == "*":
@@ -219,9 +229,39 @@ func (a *applier) resolveInDoubt(ctx context.Context, rr *resourceRun, live []op
 	if d.Method != http.MethodDelete {
 		// The first write merges under the in-doubt rules; a delete that
 		// did not land is simply sent again with the fresh ETag.
-		rr.verify = &verification{doubt: d, base: prior, cur: cur}
+		rr.verify = &verification{doubt: d, base: doubtBase(d, prior, cur.body), cur: cur}
 	}
 	return live, true
+}
+
+// mergedDoubtDetail is the outcome_detail of a change whose merged write's
+// answer was lost and which is now known to have landed.
+const mergedDoubtDetail = "written after a merge by an earlier request whose answer was lost; the remote shows its values (the merges row has the decisions)"
+
+// doubtBase is the merge base of the first write after a doubt resolved by
+// reading the resource (cur). A PATCH touched only the fields it sent:
+// those keep what stagesync knew before it (prior), so the in-doubt rules
+// can tell a person's edit from our write; every other field takes cur's
+// value, as a write with the fresh ETag would without a conflict, rather
+// than an unknown base that sends guarded fields to review. A PUT (or a
+// write that can't be read) may have touched every field: prior for all.
+func doubtBase(d *inDoubtWrite, prior mergeBase, cur map[string]any) mergeBase {
+	if d.Method != http.MethodPatch || cur == nil {
+		return prior
+	}
+	b := mergeBase{fields: maps.Clone(cur), unknown: map[string]bool{}}
+	for f := range d.Body {
+		v, has, known := prior.get(f)
+		switch {
+		case !known:
+			b.unknown[f] = true
+		case has:
+			b.fields[f] = v
+		default:
+			delete(b.fields, f)
+		}
+	}
+	return b
 }
 
 // carried returns the changes of live that the in-doubt write carried.

@@ -229,6 +229,7 @@ func (p *Processor) recordRuns(ctx context.Context, conn *pgxpool.Conn, t *Targe
 		merges    []db.MergesInsertParams
 		resources = db.ResourcesUpsertParams{Target: t.Name}
 		changes   db.ChangesRecordParams
+		revive    = db.ChangesReviveNotFoundParams{Target: t.Name}
 		retries   []scheduledRetry
 		outboxIDs []int64
 		sent      [][]attemptRecord
@@ -248,8 +249,9 @@ func (p *Processor) recordRuns(ctx context.Context, conn *pgxpool.Conn, t *Targe
 			merges = append(merges, mp)
 		}
 		versions, moved := settledVersions(rr)
-		if rr.stateDirty || moved {
-			if err := addResource(&resources, rr, versions); err != nil {
+		exist, existMoved := settledExistence(rr)
+		if rr.stateDirty || moved || existMoved {
+			if err := addResource(&resources, rr, versions, exist); err != nil {
 				return err
 			}
 		}
@@ -262,12 +264,17 @@ func (p *Processor) recordRuns(ctx context.Context, conn *pgxpool.Conn, t *Targe
 			etag, _ := storedETag(o.etag)
 			changes.AppliedETags = append(changes.AppliedETags, etag)
 			changes.OutcomeDetails = append(changes.OutcomeDetails, cleanText(o.detail, maxErrorText))
+			changes.NotFounds = append(changes.NotFounds, o.notFound)
 			if o.status != statusProcessing {
 				finished[o.status]++
 			}
 		}
 		if !rr.retryAt.IsZero() {
 			retries = append(retries, scheduledRetry{resourceID: rr.id, at: rr.retryAt})
+		}
+		if id := createdBy(rr); id != 0 {
+			revive.ResourceIDs = append(revive.ResourceIDs, rr.id)
+			revive.CreateIDs = append(revive.CreateIDs, id)
 		}
 	}
 	jobs := retryJobs(t, retries, time.Now())
@@ -295,6 +302,9 @@ func (p *Processor) recordRuns(ctx context.Context, conn *pgxpool.Conn, t *Targe
 	}
 	if len(changes.IDs) > 0 {
 		err = errors.Join(err, p.q.ChangesRecord(ctx, &pl, changes))
+	}
+	if len(revive.ResourceIDs) > 0 {
+		err = errors.Join(err, p.q.ChangesReviveNotFound(ctx, &pl, revive))
 	}
 	if err != nil {
 		return fmt.Errorf("queue the recording of %d resources: %w", len(runs), err)
@@ -359,6 +369,57 @@ func settledVersions(rr *resourceRun) (map[string]int64, bool) {
 		}
 	}
 	return versions, moved
+}
+
+// createdBy returns the id of the oldest create of the round that applied
+// (or was merged, or found its values there), or 0. Changes of the
+// resource with a higher id that were rejected only because it did not
+// exist yet are then worked again (ChangesReviveNotFound): the create
+// committed late, after them.
+func createdBy(rr *resourceRun) int64 {
+	for _, c := range rr.changes {
+		if c.op != "create" {
+			continue
+		}
+		switch o := rr.outcome(c.id); o.status {
+		case statusApplied, statusMerged, statusNoop:
+			if !o.superseded {
+				return c.id
+			}
+		}
+	}
+	return 0
+}
+
+// existence is a resource's write_version and delete_version.
+type existence struct{ write, delete int64 }
+
+// settledExistence returns the resource's write_version and delete_version
+// once this round's changes are recorded: the highest id of a create or
+// update, and of a delete, that ended applied, merged or noop (or dead
+// after an in-doubt write that may have landed). A change superseded by a
+// newer one settles nothing. moved says they differ from the stored ones.
+func settledExistence(rr *resourceRun) (existence, bool) {
+	e := existence{write: rr.writeVersion, delete: rr.deleteVersion}
+	for _, c := range rr.changes {
+		o := rr.outcome(c.id)
+		switch o.status {
+		case statusApplied, statusMerged, statusNoop:
+			if o.superseded {
+				continue
+			}
+		default:
+			if !o.mayHaveLanded {
+				continue
+			}
+		}
+		if c.op == "delete" {
+			e.delete = max(e.delete, c.id)
+		} else {
+			e.write = max(e.write, c.id)
+		}
+	}
+	return e, e.write != rr.writeVersion || e.delete != rr.deleteVersion
 }
 
 // pipeline queues the :exec statements sqlc generates into one pgx.Batch
@@ -488,6 +549,7 @@ func (p *Processor) recordUnrecordable(ctx context.Context, conn *pgxpool.Conn, 
 		changes.LastErrors = append(changes.LastErrors, lastError)
 		changes.AppliedETags = append(changes.AppliedETags, "")
 		changes.OutcomeDetails = append(changes.OutcomeDetails, "")
+		changes.NotFounds = append(changes.NotFounds, false)
 	}
 	inDoubt, err := doubt.encode()
 	if err != nil {
@@ -599,7 +661,7 @@ func mergeParams(target, resourceID string, m mergeRecord) (db.MergesInsertParam
 // jsonb can't hold exactly (U+0000, a number beyond numeric's range, deep
 // nesting) is left out and its base becomes unknown; a snapshot over
 // maxSnapshotBytes is not stored (the base is unknown).
-func addResource(p *db.ResourcesUpsertParams, rr *resourceRun, versions map[string]int64) error {
+func addResource(p *db.ResourcesUpsertParams, rr *resourceRun, versions map[string]int64, exist existence) error {
 	st := rr.state
 	snap, fields := "", ""
 	if st.snapshot != nil {
@@ -641,6 +703,8 @@ func addResource(p *db.ResourcesUpsertParams, rr *resourceRun, versions map[stri
 	p.LastChangeIDs = append(p.LastChangeIDs, last)
 	p.FieldVersions = append(p.FieldVersions, string(fv))
 	p.InDoubts = append(p.InDoubts, doubt)
+	p.WriteVersions = append(p.WriteVersions, exist.write)
+	p.DeleteVersions = append(p.DeleteVersions, exist.delete)
 	return nil
 }
 

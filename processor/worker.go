@@ -376,6 +376,12 @@ func storedRun(id string, s db.ResourcesGetRow) *resourceRun {
 		// Unreadable versions (edited by hand) count as none.
 		_ = json.Unmarshal(s.FieldVersions, &rr.fieldVersions)
 	}
+	if s.WriteVersion != nil {
+		rr.writeVersion = *s.WriteVersion
+	}
+	if s.DeleteVersion != nil {
+		rr.deleteVersion = *s.DeleteVersion
+	}
 	rr.inDoubt = decodeInDoubt(s.InDoubt)
 	return rr
 }

@@ -40,7 +40,8 @@ LIMIT @max;
 -- or 'processing' with the attempts counted when a retry job is scheduled.
 -- Empty strings stand for NULL in the parallel arrays. outcome_detail says
 -- why a terminal change ended as it did (superseded fields, fields kept
--- from the remote).
+-- from the remote). rejected_not_found says a rejection was only because
+-- the remote had no such resource (see ChangesReviveNotFound).
 UPDATE stagesync.changes c
 SET status = u.status,
     attempts = c.attempts + u.add_attempts,
@@ -51,17 +52,42 @@ SET status = u.status,
     applied_etag = coalesce(nullif(u.applied_etag, ''), c.applied_etag),
     outcome_detail = CASE WHEN u.status IN ('pending', 'processing') THEN c.outcome_detail
                           ELSE nullif(u.outcome_detail, '') END,
-    finished_at = CASE WHEN u.status IN ('pending', 'processing') THEN NULL ELSE now() END
+    finished_at = CASE WHEN u.status IN ('pending', 'processing') THEN NULL ELSE now() END,
+    rejected_not_found = u.status = 'rejected' AND u.not_found
 FROM (
     SELECT unnest(@ids::bigint[]) AS id,
            unnest(@statuses::text[]) AS status,
            unnest(@add_attempts::integer[]) AS add_attempts,
            unnest(@last_errors::text[]) AS last_error,
            unnest(@applied_etags::text[]) AS applied_etag,
-           unnest(@outcome_details::text[]) AS outcome_detail
+           unnest(@outcome_details::text[]) AS outcome_detail,
+           unnest(@not_founds::boolean[]) AS not_found
 ) AS u
 WHERE c.id = u.id
   AND c.status IN ('pending', 'processing');
+
+-- name: ChangesReviveNotFound :exec
+-- Puts back to pending the changes rejected only because the resource did
+-- not exist yet, when an older create of the same resource has just
+-- applied (it committed late): per resource, those with an id above the
+-- create's (@create_ids). Runs in the transaction that records the create,
+-- whose caller holds the resource's lock; the job's next round (or the
+-- claimer, notified) works them after the create.
+WITH revived AS (
+    UPDATE stagesync.changes c
+    SET status = 'pending', rejected_not_found = false, finished_at = NULL,
+        outcome_detail = NULL, applied_etag = NULL,
+        last_error = 'worked again: rejected as not found before its older create #' || u.after_id
+            || ' committed and applied (' || coalesce(c.last_error, '') || ')'
+    FROM (
+        SELECT unnest(@resource_ids::text[]) AS resource_id,
+               unnest(@create_ids::bigint[]) AS after_id
+    ) AS u
+    WHERE c.target = @target AND c.resource_id = u.resource_id AND c.id > u.after_id
+      AND c.rejected_not_found AND c.status = 'rejected'
+    RETURNING 1
+)
+SELECT pg_notify('stagesync_changes', 'REQUEUE') FROM (SELECT 1 FROM revived LIMIT 1) AS r;
 
 -- name: ChangesResetOrphaned :one
 SELECT stagesync.reset_orphaned_changes(@cutoff::timestamptz)::integer AS reset;
