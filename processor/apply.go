@@ -44,7 +44,9 @@ type resourceState struct {
 	// batch lookup's partial answer); nil with a snapshot: all of them.
 	covers  map[string]bool
 	deleted bool
-	// missing is set when a batch ETag lookup found no such resource.
+	// missing is set when a batch ETag lookup did not list the resource.
+	// That proves nothing (a stale index, a page limit, a remote ignoring
+	// ids): an update GETs the resource, and only a 404 rejects it.
 	missing bool
 }
 
@@ -192,7 +194,7 @@ func (a *applier) run(ctx context.Context, rr *resourceRun) {
 			return
 		}
 	}
-	for _, seg := range segments(live) {
+	for _, seg := range segments(live, a.t.MaxCoalesce) {
 		var done bool
 		switch seg[0].op {
 		case "create":
@@ -252,11 +254,13 @@ func (a *applier) live(rr *resourceRun) []openChange {
 
 // segments coalesces changes: consecutive updates fold into one request,
 // updates right after a create fold into the create, a delete stands alone.
-func segments(cs []openChange) [][]openChange {
+// A segment holds at most most changes (max_coalesce), so a resource with
+// thousands pending is written in bounded requests, still in id order.
+func segments(cs []openChange, most int) [][]openChange {
 	var out [][]openChange
 	for _, c := range cs {
 		n := len(out)
-		if c.op == "update" && n > 0 && out[n-1][0].op != "delete" {
+		if c.op == "update" && n > 0 && out[n-1][0].op != "delete" && len(out[n-1]) < most {
 			out[n-1] = append(out[n-1], c)
 			continue
 		}
@@ -293,10 +297,6 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 	}
 	st := rr.state
 	fields := fold(seg)
-	if st.missing {
-		rr.finish(seg, statusRejected, "resource not found on the remote (batch ETag lookup)", "")
-		return true
-	}
 	if st.holds(fields) {
 		rr.finishDetail(seg, statusNoop, "", "", fmt.Sprintf("nothing sent: the stored state of the remote (ETag %s) already shows these values", cleanText(st.etag, 100)))
 		return true
@@ -344,8 +344,50 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 		}
 		return a.mergeAndWrite(ctx, rr, seg, st.base(), cur, nil)
 	default:
+		return a.refused(ctx, rr, seg, resp, nil)
+	}
+}
+
+// refused handles a write that failed other than by a conflict. A refusal
+// of a write that coalesced several updates (422, 400, 413: something in
+// the body) does not say which change carries what the remote won't take,
+// so the changes are sent again one at a time, in id order, each with the
+// ETag and state the one before left (and so by update's own rules: noop,
+// conflict and merge included): only the culprits end rejected, with the
+// remote's reason, and per field the highest id that applies wins. That
+// costs at most one request per change (max_coalesce bounds them), and a
+// change refused alone is rejected as before. Statuses about the resource,
+// the method or the target (404, 405, 410, 415, 401, 403, 407) would only
+// be repeated, and a write in doubt is never re-cut: failure decides.
+func (a *applier) refused(ctx context.Context, rr *resourceRun, seg []openChange, resp response, doubt *inDoubtWrite) bool {
+	if !splittable(seg, resp) || doubt != nil || rr.inDoubt != nil {
 		return a.failure(rr, seg, resp)
 	}
+	for _, c := range seg {
+		if !a.update(ctx, rr, []openChange{c}) {
+			// It waits for a retry: the later ones must not overtake it.
+			return false
+		}
+	}
+	return true
+}
+
+// splittable reports whether a refused write of seg is worth sending again
+// change by change (see refused).
+func splittable(seg []openChange, resp response) bool {
+	if len(seg) < 2 || resp.notSent || resp.status < 400 || resp.status >= 500 || retryableStatus(resp.status) || credentialRefused(resp.status) {
+		return false
+	}
+	switch resp.status {
+	case http.StatusForbidden, http.StatusNotFound, http.StatusMethodNotAllowed, http.StatusGone, http.StatusUnsupportedMediaType:
+		return false
+	}
+	for _, c := range seg {
+		if c.op != "update" {
+			return false
+		}
+	}
+	return true
 }
 
 // fetchFirst reports whether an update must GET the resource before
@@ -407,7 +449,7 @@ func (a *applier) rewriteUnread(ctx context.Context, rr *resourceRun, seg []open
 		}
 		return a.mergeAndWrite(ctx, rr, seg, st.base(), cur, nil)
 	default:
-		return a.failure(rr, seg, resp)
+		return a.refused(ctx, rr, seg, resp, nil)
 	}
 }
 
@@ -640,7 +682,7 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 	case a.t.isConflict(resp.status):
 		return a.retryLater(rr, remaining, resp)
 	default:
-		return a.failure(rr, remaining, resp)
+		return a.refused(ctx, rr, remaining, resp, doubt)
 	}
 }
 

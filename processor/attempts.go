@@ -67,3 +67,10 @@ func (a *applier) throttleRetryAt(resp response, attempts int32) time.Time {
 	}
 	return a.now().Add(min(d, maxPause))
 }
+
+// credentialRefused reports whether a status says the remote (401) or a
+// proxy in front of it (407) refused the credential: a problem of the
+// target, not of the change the request carried.
+func credentialRefused(status int) bool {
+	return status == http.StatusUnauthorized || status == http.StatusProxyAuthRequired
+}

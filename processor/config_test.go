@@ -52,6 +52,8 @@ func TestParseConfigErrorsNameTheKey(t *testing.T) {
 		{"backoff max below base", "    backoff: {base: 2s, max: 1s}\n", "targets.territory.backoff.max: must be >= backoff.base"},
 		{"concurrency zero after default", "    concurrency: -2\n", "targets.territory.concurrency: must be between 1 and 1024"},
 		{"batch size too big", "    batch_size: 501\n", "targets.territory.batch_size: must be between 1 and 500"},
+		{"max_coalesce zero is the default, negative is not", "    max_coalesce: -1\n", "targets.territory.max_coalesce: must be between 1 and 10000, got -1"},
+		{"max_coalesce too big", "    max_coalesce: 10001\n", "targets.territory.max_coalesce: must be between 1 and 10000, got 10001"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

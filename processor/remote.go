@@ -424,8 +424,9 @@ type batchItem struct {
 }
 
 // batchETags asks the batch endpoint for the ETags of ids, with the fields
-// the merge needs as their base: fields, or all of them. Ids missing from
-// the answer do not exist remotely.
+// the merge needs as their base: fields, or all of them. An id missing from
+// the answer (or listed without a usable ETag) is unclear, not missing: a
+// GET of it decides.
 func (r *remote) batchETags(ctx context.Context, req request, ids []string, fields []string, all bool) (map[string]batchItem, response) {
 	q := url.Values{}
 	q.Set("ids", strings.Join(ids, ","))

@@ -1,0 +1,165 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/stagesync/stagesync/test/remotesim"
+)
+
+// One bad value costs its change, not the changes coalesced with it: a
+// PATCH carrying five changes of one resource is refused 422 for the value
+// of one of them; the changes are sent again one by one in id order, each
+// with the ETag the previous one left, so only the two carrying a refused
+// value end rejected (with the remote's reason) and the other three apply.
+// Per field the highest applied id wins.
+func TestRefusedCoalescedWriteIsSplit(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, remotesim.Options{})
+	h.sim.Put("acct", map[string]any{"status": "open", "owner": "seed", "region": "north"})
+	h.startProcessor(configYAML(nil, nil))
+	ids := h.insert(
+		change{resource: "acct", fields: map[string]any{"status": "won"}},
+		change{resource: "acct", fields: map[string]any{"region": "INVALID"}},
+		change{resource: "acct", fields: map[string]any{"owner": "crm", "status": "closed"}},
+		change{resource: "acct", fields: map[string]any{"score": "INVALID"}},
+		change{resource: "acct", fields: map[string]any{"owner": "crm2"}},
+	)
+	h.waitDrained(30 * time.Second)
+
+	rows := h.changes(ids)
+	want := []string{"applied", "rejected", "applied", "rejected", "applied"}
+	for i, id := range ids {
+		require.Equal(t, want[i], rows[id].status, "change %d (#%d): got %s; want %s (last_error %q)", id, i, rows[id].status, want[i], rows[id].lastError)
+	}
+	require.Contains(t, rows[ids[1]].lastError, "field region: value INVALID is not allowed")
+	require.Contains(t, rows[ids[3]].lastError, "field score: value INVALID is not allowed")
+	h.requireRemote(map[string]map[string]any{"acct": {"status": "closed", "owner": "crm2", "region": "north"}})
+
+	patches := 0
+	for _, r := range h.sim.Requests() {
+		if r.Method == http.MethodPatch {
+			patches++
+		}
+	}
+	require.Equal(t, 6, patches, "PATCHes: got %d; want 6 (the coalesced one, then one per change)", patches)
+	require.Len(t, h.apiVersions("acct"), 3, "api writes: got %d; want 3 (the three good changes)", len(h.apiVersions("acct")))
+	n := h.count(`SELECT count(*) FROM stagesync.attempts WHERE method = 'PATCH' AND cardinality(change_ids) = 1`)
+	require.Equal(t, 5, n, "PATCH attempts carrying one change: got %d; want 5", n)
+	h.requireAuditMatchesRemote()
+}
+
+// A resource with many pending changes is written in requests of at most
+// max_coalesce changes (100 by default), in id order: no unbounded body,
+// and a refusal costs at most that many changes a second request.
+func TestCoalescingIsCapped(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name    string
+		keys    map[string]string
+		changes int
+		want    []int
+	}{
+		{"max_coalesce 4", map[string]string{"max_coalesce": "4"}, 10, []int{4, 4, 2}},
+		{"default 100", nil, 250, []int{100, 100, 50}},
+	}
+	for _, tt := range tests {
+		t.Run(strings.ReplaceAll(tt.name, " ", "_"), func(t *testing.T) {
+			t.Parallel()
+			h := newHarness(t, remotesim.Options{})
+			h.sim.Put("acct", map[string]any{"n": 0})
+			h.startProcessor(configYAML(nil, tt.keys))
+			var cs []change
+			for i := range tt.changes {
+				cs = append(cs, change{resource: "acct", fields: map[string]any{"n": i + 1}})
+			}
+			h.insert(cs...)
+			h.waitDrained(60 * time.Second)
+			require.Equal(t, map[string]int{"applied": tt.changes}, h.statusCounts())
+			h.requireRemote(map[string]map[string]any{"acct": {"n": tt.changes}})
+			h.requireIncreasing("acct", "n")
+			var got []int
+			rows, err := h.pool.Query(t.Context(), `SELECT cardinality(change_ids) FROM stagesync.attempts WHERE method = 'PATCH' ORDER BY id`)
+			require.NoError(t, err)
+			for rows.Next() {
+				var k int
+				require.NoError(t, rows.Scan(&k))
+				got = append(got, k)
+			}
+			require.NoError(t, rows.Err())
+			require.Equal(t, tt.want, got, "changes per PATCH: got %v; want %v", got, tt.want)
+		})
+	}
+}
+
+// A batch ETag lookup that leaves a resource out (a stale index, a page
+// limit, a remote that ignores ids and answers []) does not prove it
+// missing: a GET of the resource decides. It exists → it is written; 404 →
+// only then rejected as not found.
+func TestUnclearBatchLookupIsConfirmedWithAGet(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name     string
+		omit     []string // nil: every entry (the answer is [])
+		wantGets int
+	}{
+		{"two ids left out", []string{"acct-0001", "acct-0007"}, 3},
+		{"the answer is []", nil, 11},
+	}
+	for _, tt := range tests {
+		t.Run(strings.ReplaceAll(tt.name, " ", "_"), func(t *testing.T) {
+			t.Parallel()
+			h := newHarness(t, remotesim.Options{})
+			ids := resourceIDs("acct", 10)
+			h.seed(ids, map[string]any{"owner": "seed"})
+			h.sim.SetMisbehavior(remotesim.Misbehavior{IDs: tt.omit, OmitFromBatchLookup: true})
+			h.startProcessor(configYAML(nil, nil))
+			var cs []change
+			for _, id := range append(slices.Clone(ids), "ghost") {
+				cs = append(cs, change{resource: id, fields: map[string]any{"owner": "crm-" + id}})
+			}
+			changeIDs := h.insert(cs...)
+			h.waitDrained(30 * time.Second)
+			rows := h.changes(changeIDs)
+			for _, cid := range changeIDs {
+				r := rows[cid]
+				if r.resource == "ghost" {
+					require.Equal(t, "rejected", r.status)
+					require.Contains(t, r.lastError, "resource not found on the remote", "ghost last_error: got %q", r.lastError)
+					continue
+				}
+				require.Equal(t, "applied", r.status, "change of %q: got %s; want applied (last_error %q)", r.resource, r.status, r.lastError)
+			}
+			st := h.sim.Stats()
+			require.Equal(t, 1, st.BatchGets, "batch GETs: got %d; want 1", st.BatchGets)
+			require.Equal(t, tt.wantGets, st.Gets, "single GETs: got %d; want %d (one per resource the lookup left unclear)", st.Gets, tt.wantGets)
+			require.Equal(t, 10, st.Patches, "PATCHes: got %d; want 10", st.Patches)
+			h.requireAuditMatchesRemote()
+		})
+	}
+}
+
+// lastErrors reads the last_error of every change, by resource.
+func (h *harness) lastErrors() map[string]string {
+	h.t.Helper()
+	rows, err := h.pool.Query(context.Background(), `SELECT resource_id, coalesce(last_error, '') FROM stagesync.changes`)
+	require.NoError(h.t, err)
+	defer rows.Close()
+	out := map[string]string{}
+	for rows.Next() {
+		var id, e string
+		require.NoError(h.t, rows.Scan(&id, &e))
+		out[id] = e
+	}
+	require.NoError(h.t, rows.Err())
+	return out
+}
+
+var _ = fmt.Sprint
