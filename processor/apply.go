@@ -832,7 +832,16 @@ func shows(body, written map[string]any) bool {
 }
 
 // failure handles a non-conflict error: transport errors, 429, 408 and 5xx
-// retry later; any other status means the remote refused the change.
+// retry later, and so do 401 and 407 (the credential was refused: the gate
+// paused the target, and the changes wait for the pause's end like
+// throttled ones); any other status means the remote refused the change.
+//
+// 403 is the change's: Forbidden names a credential the remote knows but
+// that may not touch this resource (record-level permissions, another
+// organisation's record), so pausing the target for it would let one
+// protected record stop every change. A credential that may touch nothing
+// ends each change rejected with words that say so, and target_health
+// counts 403 as a failure of the target.
 func (a *applier) failure(rr *resourceRun, live []openChange, resp response) bool {
 	if resp.notSent {
 		if pausedBy(resp) != nil {
@@ -844,7 +853,7 @@ func (a *applier) failure(rr *resourceRun, live []openChange, resp response) boo
 		// stay processing with nothing counted against them.
 		return false
 	}
-	if resp.status == 0 || retryableStatus(resp.status) {
+	if resp.status == 0 || retryableStatus(resp.status) || credentialRefused(resp.status) {
 		return a.retryLater(rr, live, resp)
 	}
 	reason := errText(resp.err)
@@ -880,7 +889,7 @@ func (a *applier) retryLater(rr *resourceRun, live []openChange, resp response) 
 		case int(total) >= a.t.MaxAttempts:
 			o.status, o.errText = statusDead, fmt.Sprintf("gave up after %d attempts: %s", total, reason)
 		case th && a.givenUp(c):
-			o.status, o.errText = statusDead, a.givenUpText(reason)
+			o.status, o.errText = statusDead, a.givenUpText(resp, reason)
 		default:
 			o.status, o.errText = statusProcessing, reason
 			waiting = append(waiting, c)

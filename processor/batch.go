@@ -562,6 +562,9 @@ func (b *batcher) post(bctx *batchContext, calls []*batchCall, prior []*batchRec
 		switch {
 		case status == http.StatusRequestEntityTooLarge:
 			outcome = outcomeFatal
+		case credentialRefused(status):
+			// The target pauses (the gate sees the POST's status) and the
+			// writes wait for its end, uncounted, as for a single write.
 		case !retryableStatus(status):
 			status = 0
 		}
@@ -602,12 +605,15 @@ func (b *batcher) post(bctx *batchContext, calls []*batchCall, prior []*batchRec
 }
 
 // worseForGate is what the gate observes of a batch: its worst item
-// answer. A throttling answer (429, 503) pauses the target, the longest
-// Retry-After winning; failing that, a failure of the remote (5xx) counts
-// against its health; else the batch shows the remote working.
+// answer. A refused credential (401, 407) pauses the target until it is
+// fixed; a throttling answer (429, 503) pauses it, the longest Retry-After
+// winning; failing that, a failure of the remote (5xx) counts against its
+// health; else the batch shows the remote working.
 func worseForGate(seen, item response) response {
 	rank := func(r response) int {
 		switch {
+		case credentialRefused(r.status):
+			return 3
 		case throttling(r.status):
 			return 2
 		case targetFailure(r):

@@ -162,4 +162,93 @@ func (h *harness) lastErrors() map[string]string {
 	return out
 }
 
-var _ = fmt.Sprint
+// A refused credential is the target's problem, not the changes': a 401
+// (or a proxy's 407) on a write, a GET or the batch lookup pauses the
+// target for every process (targets.paused_until, a reason that says to
+// check the credential, one WARN), sends nothing more while paused, and
+// keeps every change waiting without using up max_attempts (1 here). Once
+// the remote takes the credential again, stagesync.lift_pause resumes at
+// once, long before the pause (backoff.max, a minute) would have ended.
+func TestRefusedCredentialPausesTheTarget(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name string
+		mb   remotesim.Misbehavior
+	}{
+		{"401 on writes", remotesim.Misbehavior{Status: http.StatusUnauthorized, StatusMethods: []string{http.MethodPatch}}},
+		{"401 on the batch lookup and GETs", remotesim.Misbehavior{Status: http.StatusUnauthorized, StatusMethods: []string{http.MethodGet}}},
+		{"407 on every request", remotesim.Misbehavior{Status: http.StatusProxyAuthRequired}},
+	}
+	for _, tt := range tests {
+		t.Run(strings.ReplaceAll(tt.name, " ", "_"), func(t *testing.T) {
+			t.Parallel()
+			h := newHarness(t, remotesim.Options{})
+			ids := resourceIDs("acct", 20)
+			h.seed(ids, map[string]any{"owner": "seed"})
+			h.sim.SetMisbehavior(tt.mb)
+			h.env = map[string]string{"CRM_TOKEN": "token-that-was-revoked"}
+			h.startProcessor(configYAML(nil, map[string]string{
+				"auth": "{env: CRM_TOKEN}", "max_attempts": "1", "backoff": "{base: 10ms, max: 1m}"}))
+			var cs []change
+			for _, id := range ids {
+				cs = append(cs, change{resource: id, fields: map[string]any{"owner": "crm"}})
+			}
+			changeIDs := h.insert(cs...)
+			h.waitFor("the target paused in the database", 15*time.Second, func() bool {
+				return h.count(`SELECT count(*) FROM stagesync.targets WHERE paused_until > now() + interval '30 seconds'`) == 1
+			})
+			refused := func() int {
+				n := 0
+				for _, r := range h.sim.Requests() {
+					if r.Status == tt.mb.Status {
+						n++
+					}
+				}
+				return n
+			}
+			time.Sleep(300 * time.Millisecond)
+			before, requests := refused(), h.sim.Stats().Requests
+			time.Sleep(700 * time.Millisecond)
+			require.Equal(t, requests, h.sim.Stats().Requests, "requests while paused: got %d more; want none", h.sim.Stats().Requests-requests)
+			require.LessOrEqual(t, before, 17, "refused requests: got %d; want at most the in-flight limit and one", before)
+			reason := h.strings(`SELECT pause_reason FROM stagesync.targets`)[0]
+			require.Contains(t, reason, fmt.Sprint(tt.mb.Status))
+			require.Contains(t, reason, "check the credential (header Authorization from environment variable CRM_TOKEN)")
+			require.Contains(t, reason, "stagesync.lift_pause('crm')")
+			require.NotContains(t, reason, "token-that-was-revoked")
+			counts := h.statusCounts()
+			require.Equal(t, len(ids), counts["processing"]+counts["pending"], "open changes while paused: got %v; want all %d waiting", counts, len(ids))
+			require.Equal(t, 1, strings.Count(h.logs.tail(1<<30), "the remote refused the credential: target paused"), "credential WARN lines: want exactly 1")
+
+			// The credential works again; an operator lifts the pause.
+			h.sim.SetMisbehavior(remotesim.Misbehavior{})
+			var was bool
+			require.NoError(t, h.pool.QueryRow(t.Context(), `SELECT stagesync.lift_pause('crm')`).Scan(&was))
+			require.True(t, was, "lift_pause: got false; want true (the target was paused)")
+			h.waitDrained(15 * time.Second)
+			rows := h.changes(changeIDs)
+			for _, cid := range changeIDs {
+				r := rows[cid]
+				require.Equal(t, "applied", r.status, "change of %q: got %s; want applied (last_error %q)", r.resource, r.status, r.lastError)
+				require.Equal(t, 1, r.attempts, "attempts of the change of %q: got %d; want 1 (refusals of the credential are not attempts)", r.resource, r.attempts)
+			}
+			h.requireAuditMatchesRemote()
+		})
+	}
+}
+
+// A credential the remote keeps refusing ends the waiting changes dead
+// after give_up_after, saying so, like throttling does.
+func TestRefusedCredentialEndsDeadAfterGiveUpAfter(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, remotesim.Options{})
+	h.sim.Put("acct", map[string]any{"owner": "seed"})
+	h.sim.SetMisbehavior(remotesim.Misbehavior{Status: http.StatusUnauthorized})
+	h.startProcessor(configYAML(nil, map[string]string{"give_up_after": "1s", "backoff": "{base: 10ms, max: 500ms}"}))
+	ids := h.insert(change{resource: "acct", fields: map[string]any{"owner": "crm"}})
+	h.waitDrained(30 * time.Second)
+	r := h.changes(ids)[ids[0]]
+	require.Equal(t, "dead", r.status)
+	require.Contains(t, r.lastError, "gave up: the remote kept refusing the credential for longer than give_up_after (1s)")
+	require.Contains(t, r.lastError, "no auth is configured for this target")
+}
