@@ -76,9 +76,9 @@ type gate struct {
 	// Answers to requests that were in flight when it began neither
 	// extend it nor log again.
 	credPause bool
-	limiter     *rate.Limiter // nil: no rate limit
-	share       float64       // requests/s this process may send; 0: no rate limit
-	health      targetHealth
+	limiter   *rate.Limiter // nil: no rate limit
+	share     float64       // requests/s this process may send; 0: no rate limit
+	health    targetHealth
 
 	logger  *slog.Logger
 	metrics *Metrics
