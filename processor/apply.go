@@ -326,6 +326,9 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 			return true
 		}
 	}
+	if a.refusesRedactedPut(rr, seg, st.snapshot, fields) {
+		return true
+	}
 	resp := a.write(ctx, rr, seg, st, fields, nil)
 	switch {
 	case resp.status >= 200 && resp.status < 300:
@@ -584,7 +587,29 @@ func (a *applier) fetchForDelete(ctx context.Context, rr *resourceRun, seg []ope
 // without one no write can be conditional, and an unconditional write
 // could overwrite a person's edit.
 func (a *applier) noETag(rr *resourceRun, live []openChange, cur response) {
+	if cur.etagSecret {
+		rr.finish(live, statusRejected, fmt.Sprintf("the remote put the credential stagesync sends into this resource's ETag (GET %s); "+
+			"stagesync never stores or sends its credential back, so it cannot make a conditional write here: the remote's ETags must not contain the credential", a.r.itemURL(rr.id)), "")
+		return
+	}
 	rr.finish(live, statusRejected, fmt.Sprintf("the remote sent no ETag; stagesync needs one to write safely (GET %s answered %d without an ETag header)", a.r.itemURL(rr.id), cur.status), "")
+}
+
+// refusesRedactedPut rejects changes whose PUT would carry the [redacted]
+// placeholder: the remote's copy holds the credential (a person pasted it
+// into a field), stagesync stored that field redacted, and a PUT of the
+// stored document would write the placeholder over it.
+func (a *applier) refusesRedactedPut(rr *resourceRun, live []openChange, snap, fields map[string]any) bool {
+	if a.t.UpdateMethod != http.MethodPut {
+		return false
+	}
+	f := a.t.redactedField(snap, fields)
+	if f == "" {
+		return false
+	}
+	rr.finish(live, statusRejected, fmt.Sprintf("not sent: the remote's copy of this resource holds the credential stagesync sends, which stagesync keeps only as %s; "+
+		"a PUT would write that placeholder onto the remote (field %s). Remove the credential from that field on the remote and requeue, or use update_method PATCH", redacted, cleanText(f, 100)), "")
+	return true
 }
 
 // refusesOwnETag handles a conflict answered to an If-Match that is the
@@ -672,6 +697,9 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 	if len(remaining) == 0 || len(m.write) == 0 {
 		rr.setState(curState)
 		a.settle(rr, remaining, m.decisions, cur.etag, doubt)
+		return true
+	}
+	if a.refusesRedactedPut(rr, remaining, curState.snapshot, m.write) {
 		return true
 	}
 	resp := a.write(ctx, rr, remaining, curState, m.write, theirs)

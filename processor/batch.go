@@ -668,6 +668,10 @@ func (b *batcher) itemResponse(req request, a odataResponse, start time.Time) re
 		return ""
 	}
 	resp := response{status: a.Status, etag: header("ETag"), req: req}
+	recordedETag := resp.etag
+	if b.r.t.secretETag(resp.etag) {
+		resp.etag, resp.etagSecret, recordedETag = "", true, b.r.t.redact(resp.etag)
+	}
 	raw := []byte(bytes.TrimSpace(a.Body))
 	if len(raw) > 0 && raw[0] == '"' {
 		// A body that is not JSON comes as a string (OData 4.01 JSON §19.2).
@@ -697,7 +701,7 @@ func (b *batcher) itemResponse(req request, a odataResponse, start time.Time) re
 	if text == "" {
 		text = note
 	}
-	resp.attempt = b.r.attempt(req, start, a.Status, resp.etag, b.r.classify(req.method, a.Status), text)
+	resp.attempt = b.r.attempt(req, start, a.Status, recordedETag, b.r.classify(req.method, a.Status), text)
 	return resp
 }
 

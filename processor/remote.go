@@ -56,6 +56,9 @@ type response struct {
 	// the gate, or its durable intent could not be written). No attempt was
 	// made, so none is recorded or counted.
 	notSent bool
+	// etagSecret: the answer's ETag held the credential; etag is "" (see
+	// TargetConfig.secretETag).
+	etagSecret bool
 	// unknown: the request may have reached the remote, but no answer came
 	// (a transport error once it was written, a timeout). A write with an
 	// unknown outcome makes the resource in doubt.
@@ -270,6 +273,10 @@ func (r *remote) send(ctx context.Context, req request) response {
 	// a debug body): it goes no further than here.
 	raw = r.t.redactBytes(raw)
 	resp := response{status: hresp.StatusCode, etag: hresp.Header.Get("ETag"), rawBody: raw, req: req}
+	recordedETag := resp.etag
+	if r.t.secretETag(resp.etag) {
+		resp.etag, resp.etagSecret, recordedETag = "", true, r.t.redact(resp.etag)
+	}
 	var note string
 	switch {
 	case truncated:
@@ -291,7 +298,7 @@ func (r *remote) send(ctx context.Context, req request) response {
 	if text == "" {
 		text = note
 	}
-	resp.attempt = r.attempt(req, start, hresp.StatusCode, resp.etag, r.classify(req.method, hresp.StatusCode), text)
+	resp.attempt = r.attempt(req, start, hresp.StatusCode, recordedETag, r.classify(req.method, hresp.StatusCode), text)
 	return resp
 }
 
@@ -449,6 +456,11 @@ func (r *remote) batchETags(ctx context.Context, req request, ids []string, fiel
 		resp.err = err
 		resp.attempt.errText = err.Error()
 		return nil, resp
+	}
+	for id, it := range items {
+		if r.t.secretETag(it.etag) {
+			delete(items, id) // unclear: its GET decides, and refuses it
+		}
 	}
 	return items, resp
 }

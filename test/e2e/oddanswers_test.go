@@ -252,3 +252,67 @@ func TestRefusedCredentialEndsDeadAfterGiveUpAfter(t *testing.T) {
 	require.Contains(t, r.lastError, "gave up: the remote kept refusing the credential for longer than give_up_after (1s)")
 	require.Contains(t, r.lastError, "no auth is configured for this target")
 }
+
+// The credential never travels back to the remote in anything stagesync
+// builds from what it stored (where it is [redacted]): a resource whose
+// ETag holds the credential is refused with words that say so (its ETag is
+// never stored or sent as If-Match), and a PUT whose body would carry the
+// [redacted] placeholder of a credential a person pasted into the record is
+// not sent. Neighbours apply.
+func TestCredentialNeverTravelsBackToTheRemote(t *testing.T) {
+	t.Parallel()
+	const secret = "tok-4f9a-secret"
+	tests := []struct {
+		name    string
+		keys    map[string]string
+		mb      remotesim.Misbehavior
+		fields  map[string]any
+		wantErr string
+	}{
+		{
+			name:    "an ETag holding the credential",
+			mb:      remotesim.Misbehavior{IDs: []string{"acct"}, ETagEchoesAuthorization: true},
+			fields:  map[string]any{"status": "open"},
+			wantErr: "the remote put the credential stagesync sends into this resource's ETag",
+		},
+		{
+			name:    "a PUT body holding the redacted credential",
+			keys:    map[string]string{"update_method": "PUT"},
+			fields:  map[string]any{"status": "open", "note": "api key " + secret + " (do not share)"},
+			wantErr: "a PUT would write that placeholder onto the remote (field note)",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(strings.ReplaceAll(tt.name, " ", "_"), func(t *testing.T) {
+			t.Parallel()
+			h := newHarness(t, remotesim.Options{})
+			h.sim.Put("acct", tt.fields)
+			h.sim.Put("other", map[string]any{"status": "open"})
+			h.sim.SetMisbehavior(tt.mb)
+			h.env = map[string]string{"CRM_TOKEN": secret}
+			keys := map[string]string{"auth": "{env: CRM_TOKEN}", "batch_etag_path": ""}
+			for k, v := range tt.keys {
+				keys[k] = v
+			}
+			h.startProcessor(configYAML(nil, keys))
+			ids := h.insert(
+				change{resource: "acct", fields: map[string]any{"status": "won"}},
+				change{resource: "other", fields: map[string]any{"status": "won"}})
+			h.waitDrained(30 * time.Second)
+			rows := h.changes(ids)
+			require.Equal(t, "rejected", rows[ids[0]].status, "acct: got %s; want rejected (last_error %q)", rows[ids[0]].status, rows[ids[0]].lastError)
+			require.Contains(t, rows[ids[0]].lastError, tt.wantErr)
+			require.Equal(t, "applied", rows[ids[1]].status, "other: got %s (last_error %q)", rows[ids[1]].status, rows[ids[1]].lastError)
+			for _, r := range h.sim.Requests() {
+				if r.ID == "acct" {
+					require.Equal(t, http.MethodGet, r.Method, "requests for acct: got a %s; want only GETs", r.Method)
+				}
+			}
+			got, _, _ := h.sim.Get("acct")
+			require.Equal(t, jsonNorm(tt.fields), got, "acct on the remote: got %v; want it untouched", got)
+			require.Zero(t, h.count(`SELECT count(*) FROM stagesync.resources r WHERE r::text LIKE '%' || $1 || '%'`, secret))
+			require.Zero(t, h.count(`SELECT count(*) FROM stagesync.resources WHERE etag LIKE '%[redacted]%'`), "a redacted ETag was stored")
+			require.Zero(t, h.count(`SELECT count(*) FROM stagesync.attempts a WHERE a::text LIKE '%' || $1 || '%'`, secret))
+		})
+	}
+}
