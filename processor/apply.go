@@ -316,7 +316,8 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 		case a.t.UpdateMethod == http.MethodPut && cur.body == nil:
 			// PUT replaces the whole document: without it, nothing safe
 			// can be sent.
-			rr.finish(seg, statusRejected, "GET "+a.r.itemURL(rr.id)+" returned no JSON object to apply the fields to (update_method PUT)", "")
+			rr.finish(seg, statusRejected, fmt.Sprintf("GET %s answered %d with %s, not a JSON object: a PUT needs the resource's document to apply the fields to (update_method PUT)%s",
+				a.r.itemURL(rr.id), cur.status, describeBody(cur), notTheAPI(cur)), "")
 			return true
 		}
 		st = a.stateFrom(cur)
@@ -583,6 +584,26 @@ func (a *applier) fetchForDelete(ctx context.Context, rr *resourceRun, seg []ope
 	return cur, false, false
 }
 
+// describeBody says what an answer's body was, for errors about it.
+func describeBody(resp response) string {
+	switch {
+	case len(resp.rawBody) == 0:
+		return "no body"
+	case resp.contentType != "":
+		return fmt.Sprintf("a %s body of %d bytes", resp.contentType, len(resp.rawBody))
+	}
+	return fmt.Sprintf("a body of %d bytes", len(resp.rawBody))
+}
+
+// notTheAPI is the advice for a 2xx whose body is a web page: something
+// other than the API answered.
+func notTheAPI(resp response) string {
+	if strings.Contains(resp.contentType, "html") {
+		return ". A web page where the API should answer is usually a login page or a proxy's: check base_url and auth"
+	}
+	return ""
+}
+
 // noETag rejects changes whose resource the remote serves without an ETag:
 // without one no write can be conditional, and an unconditional write
 // could overwrite a person's edit.
@@ -646,7 +667,8 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 		return true
 	case cur.status != http.StatusOK || cur.body == nil:
 		if cur.err == nil && !cur.notSent {
-			cur.err = fmt.Errorf("GET %s after a conflict returned %d without a JSON body", a.r.itemURL(rr.id), cur.status)
+			cur.err = fmt.Errorf("GET %s after a conflict answered %d with %s, not a JSON object: the merge needs the remote's current document%s",
+				a.r.itemURL(rr.id), cur.status, describeBody(cur), notTheAPI(cur))
 		}
 		return a.failure(rr, live, cur)
 	}
@@ -884,12 +906,55 @@ func (a *applier) failure(rr *resourceRun, live []openChange, resp response) boo
 	if resp.status == 0 || retryableStatus(resp.status) || credentialRefused(resp.status) {
 		return a.retryLater(rr, live, resp)
 	}
-	reason := errText(resp.err)
-	if reason == "" {
-		reason = fmt.Sprintf("unexpected status %d", resp.status)
-	}
-	rr.finish(live, statusRejected, reason, "")
+	rr.finish(live, statusRejected, refusalText(resp), "")
 	return true
+}
+
+// refusalText is the last_error of a change the remote refused: the
+// request and the remote's answer, and for the answers that are about the
+// resource, the URL or the setup rather than the change's values, what
+// happened and what to do.
+func refusalText(resp response) string {
+	reason := errText(resp.err)
+	method, url := resp.req.method, resp.req.url
+	if reason == "" {
+		reason = fmt.Sprintf("%s %s: unexpected status %d", method, url, resp.status)
+	}
+	var advice string
+	switch s := resp.status; {
+	case s >= 300 && s < 400:
+		to := resp.location
+		if to == "" {
+			to = "an address it did not name"
+		}
+		reason = fmt.Sprintf("%s %s: %d %s", method, url, s, http.StatusText(s))
+		advice = fmt.Sprintf("the remote answered with a redirect to %s; stagesync never follows redirects (they would carry the credential and the body elsewhere): set base_url to the address the remote redirects to", to)
+	case s == http.StatusNotFound && method != http.MethodGet:
+		advice = "the resource does not exist on the remote (deleted since stagesync last saw it, or item_path is wrong): stage a change with op create to make it again"
+	case s == http.StatusGone:
+		advice = "the remote says the resource is gone for good: stage a change with op create if it should exist again"
+	case s == http.StatusForbidden:
+		advice = "the remote knows the credential, but it may not change this resource: check the credential's permissions for it on the remote, then requeue the change (include_rejected)"
+	case s == http.StatusMethodNotAllowed:
+		advice = fmt.Sprintf("the remote does not allow %s at this URL", method)
+		if resp.allow != "" {
+			advice += " (Allow: " + resp.allow + ")"
+		}
+		switch method {
+		case http.MethodPatch:
+			advice += "; if it takes PUT of the whole document, set update_method: PUT; else check item_path"
+		case http.MethodPut:
+			advice += "; if it takes PATCH, set update_method: PATCH; else check item_path"
+		default:
+			advice += "; check item_path"
+		}
+	case s == http.StatusUnsupportedMediaType:
+		advice = "the remote refused the body's media type: stagesync sends Content-Type: application/json (a JSON merge patch), and this remote wants another"
+	}
+	if advice == "" {
+		return reason
+	}
+	return reason + " — " + advice
 }
 
 // retryLater schedules the resource for a retry job: at the end of the

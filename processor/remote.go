@@ -56,6 +56,9 @@ type response struct {
 	// the gate, or its durable intent could not be written). No attempt was
 	// made, so none is recorded or counted.
 	notSent bool
+	// allow, location and contentType are the answer's headers of those
+	// names (Location redacted), for clear words about odd answers.
+	allow, location, contentType string
 	// etagSecret: the answer's ETag held the credential; etag is "" (see
 	// TargetConfig.secretETag).
 	etagSecret bool
@@ -272,7 +275,9 @@ func (r *remote) send(ctx context.Context, req request) response {
 	// A remote may echo the request's credential (a gateway's error page,
 	// a debug body): it goes no further than here.
 	raw = r.t.redactBytes(raw)
-	resp := response{status: hresp.StatusCode, etag: hresp.Header.Get("ETag"), rawBody: raw, req: req}
+	resp := response{status: hresp.StatusCode, etag: hresp.Header.Get("ETag"), rawBody: raw, req: req,
+		allow: cleanText(hresp.Header.Get("Allow"), 100), location: cleanText(r.t.redact(hresp.Header.Get("Location")), 200),
+		contentType: cleanText(hresp.Header.Get("Content-Type"), 100)}
 	recordedETag := resp.etag
 	if r.t.secretETag(resp.etag) {
 		resp.etag, resp.etagSecret, recordedETag = "", true, r.t.redact(resp.etag)

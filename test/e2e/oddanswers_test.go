@@ -316,3 +316,67 @@ func TestCredentialNeverTravelsBackToTheRemote(t *testing.T) {
 		})
 	}
 }
+
+// Odd answers end the change with words that say what happened and what
+// to do, not just a status: a write answered 404 or 410, 403, 405, 415 or a
+// redirect, and a 200 whose body is a web page where a document was needed.
+// The neighbour resource applies.
+func TestOddAnswersGetClearWords(t *testing.T) {
+	t.Parallel()
+	patch := []string{http.MethodPatch}
+	tests := []struct {
+		name string
+		keys map[string]string
+		mb   remotesim.Misbehavior
+		// gone: the resource is not on the remote although an ETag is
+		// stored for it.
+		gone bool
+		want []string
+	}{
+		{name: "404 on a write", gone: true,
+			want: []string{"404", "the resource does not exist on the remote", "op create"}},
+		{name: "410 on a write", mb: remotesim.Misbehavior{Status: http.StatusGone, StatusMethods: patch},
+			want: []string{"410", "gone for good", "op create"}},
+		{name: "403 on a write", mb: remotesim.Misbehavior{Status: http.StatusForbidden, StatusMethods: patch},
+			want: []string{"403", "may not change this resource", "permissions"}},
+		{name: "405 on a write", mb: remotesim.Misbehavior{Status: http.StatusMethodNotAllowed, StatusMethods: patch},
+			want: []string{"405", "does not allow PATCH", "update_method"}},
+		{name: "415 on a write", mb: remotesim.Misbehavior{Status: http.StatusUnsupportedMediaType, StatusMethods: patch},
+			want: []string{"415", "Content-Type: application/json"}},
+		{name: "302 on a write", mb: remotesim.Misbehavior{Status: http.StatusFound, StatusMethods: patch},
+			want: []string{"302", "redirect to /elsewhere", "never follows", "base_url"}},
+		{name: "200 with a web page, PUT", keys: map[string]string{"update_method": "PUT", "batch_etag_path": ""},
+			mb:   remotesim.Misbehavior{HTMLBody: true},
+			want: []string{"text/html", "not a JSON object", "base_url"}},
+	}
+	for _, tt := range tests {
+		t.Run(strings.ReplaceAll(tt.name, " ", "_"), func(t *testing.T) {
+			t.Parallel()
+			h := newHarness(t, remotesim.Options{})
+			h.sim.Put("other", map[string]any{"status": "open"})
+			if !tt.gone {
+				h.sim.Put("acct", map[string]any{"status": "open"})
+			}
+			tt.mb.IDs = []string{"acct"}
+			h.sim.SetMisbehavior(tt.mb)
+			h.startProcessor(configYAML(nil, tt.keys))
+			if tt.gone {
+				_, err := h.pool.Exec(t.Context(), `INSERT INTO stagesync.resources (target, resource_id, etag, snapshot)
+					VALUES ($1, 'acct', '"e1"', '{"status": "open"}')`, target)
+				require.NoError(t, err)
+			}
+			ids := h.insert(
+				change{resource: "acct", fields: map[string]any{"status": "won"}},
+				change{resource: "other", fields: map[string]any{"status": "won"}})
+			h.waitDrained(30 * time.Second)
+			rows := h.changes(ids)
+			r := rows[ids[0]]
+			t.Logf("last_error: %s", r.lastError)
+			require.Equal(t, "rejected", r.status, "acct: got %s; want rejected (last_error %q)", r.status, r.lastError)
+			for _, w := range tt.want {
+				require.Contains(t, r.lastError, w)
+			}
+			require.Equal(t, "applied", rows[ids[1]].status, "other: got %s (last_error %q)", rows[ids[1]].status, rows[ids[1]].lastError)
+		})
+	}
+}

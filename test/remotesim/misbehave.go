@@ -146,7 +146,7 @@ func (m *misbehavior) refusal(x *exchange) (response, bool) {
 	if m.Status >= 300 && m.Status < 400 {
 		return response{status: m.Status, location: "/elsewhere"}, true
 	}
-	return response{status: m.Status, body: errorBody(fmt.Sprintf("%d %s", m.Status, http.StatusText(m.Status)))}, true
+	return response{status: m.Status, body: errorBody(http.StatusText(m.Status))}, true
 }
 
 // SetMisbehavior replaces the misbehaving modes for requests that arrive from now on. It
