@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"context"
 	"fmt"
 	"net/http"
 	"slices"
@@ -144,22 +143,6 @@ func TestUnclearBatchLookupIsConfirmedWithAGet(t *testing.T) {
 			h.requireAuditMatchesRemote()
 		})
 	}
-}
-
-// lastErrors reads the last_error of every change, by resource.
-func (h *harness) lastErrors() map[string]string {
-	h.t.Helper()
-	rows, err := h.pool.Query(context.Background(), `SELECT resource_id, coalesce(last_error, '') FROM stagesync.changes`)
-	require.NoError(h.t, err)
-	defer rows.Close()
-	out := map[string]string{}
-	for rows.Next() {
-		var id, e string
-		require.NoError(h.t, rows.Scan(&id, &e))
-		out[id] = e
-	}
-	require.NoError(h.t, rows.Err())
-	return out
 }
 
 // A refused credential is the target's problem, not the changes': a 401
