@@ -114,6 +114,7 @@ func TestFunctionsResistSearchPathHijack(t *testing.T) {
 		{"stagesync_reporting", "SELECT * FROM stagesync.resource_history('territory', 'u1')"},
 		{"stagesync_admin", fmt.Sprintf("SELECT stagesync.requeue(ids => ARRAY[%d::bigint])", dead)},
 		{"stagesync_admin", "SELECT stagesync.requeue(target => 'territory', include_rejected => true)"},
+		{"stagesync_admin", "SELECT stagesync.lift_pause('territory')"},
 		{"stagesync_upstream", `INSERT INTO stagesync.changes (target, resource_id, fields) VALUES ('territory', 'u1', '{"a": {"b": 1}}')`},
 		{"", "SELECT stagesync.reset_orphaned_changes('2100-01-01')"},
 		{"", "SELECT * FROM stagesync.river_queue_depth()"},

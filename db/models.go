@@ -172,13 +172,14 @@ type StagesyncTargetHealth struct {
 }
 
 type Target struct {
-	Name         string     `json:"name"`
-	BaseURL      string     `json:"base_url"`
-	ItemPath     string     `json:"item_path"`
-	UpdateMethod string     `json:"update_method"`
-	Settings     []byte     `json:"settings"`
-	CreatedAt    time.Time  `json:"created_at"`
-	UpdatedAt    time.Time  `json:"updated_at"`
-	PausedUntil  *time.Time `json:"paused_until"`
-	PauseReason  *string    `json:"pause_reason"`
+	Name          string     `json:"name"`
+	BaseURL       string     `json:"base_url"`
+	ItemPath      string     `json:"item_path"`
+	UpdateMethod  string     `json:"update_method"`
+	Settings      []byte     `json:"settings"`
+	CreatedAt     time.Time  `json:"created_at"`
+	UpdatedAt     time.Time  `json:"updated_at"`
+	PausedUntil   *time.Time `json:"paused_until"`
+	PauseReason   *string    `json:"pause_reason"`
+	PauseLiftedAt *time.Time `json:"pause_lifted_at"`
 }

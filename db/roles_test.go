@@ -160,6 +160,7 @@ func TestUpstreamRole(t *testing.T) {
 			{"calling change_history", fmt.Sprintf("SELECT * FROM stagesync.change_history(%d)", deadID),
 				"permission denied for function change_history"},
 			{"calling requeue", "SELECT stagesync.requeue(ids => ARRAY[1::bigint])", "permission denied for function requeue"},
+			{"calling lift_pause", "SELECT stagesync.lift_pause('territory')", "permission denied for function lift_pause"},
 			{"calling river_queue_depth", "SELECT * FROM stagesync.river_queue_depth()", "permission denied for function river_queue_depth"},
 			{"calling reset_orphaned_changes", "SELECT stagesync.reset_orphaned_changes('2000-01-01')",
 				"permission denied for function reset_orphaned_changes"},
@@ -300,7 +301,9 @@ func testReader(t *testing.T, role string) {
 				"permission denied for function changes_explain_refusal"})
 		if role == "stagesync_reporting" {
 			refusals = append(refusals, refusal{"calling requeue", "SELECT stagesync.requeue(everything => true)",
-				"permission denied for function requeue"})
+				"permission denied for function requeue"},
+				refusal{"calling lift_pause", "SELECT stagesync.lift_pause('territory')",
+					"permission denied for function lift_pause"})
 		}
 		requireRefused(t, d, role, refusals)
 	})

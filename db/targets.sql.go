@@ -7,6 +7,7 @@ package db
 
 import (
 	"context"
+	"time"
 )
 
 const targetPause = `-- name: TargetPause :exec
@@ -65,6 +66,54 @@ func (q *Queries) TargetUpsert(ctx context.Context, db DBTX, arg TargetUpsertPar
 		arg.Settings,
 	)
 	return err
+}
+
+const targetWakeJobs = `-- name: TargetWakeJobs :one
+SELECT stagesync.wake_target_jobs($1::text)::integer AS woken
+`
+
+// Makes the target's apply jobs scheduled for later available now (its
+// pause was lifted).
+func (q *Queries) TargetWakeJobs(ctx context.Context, db DBTX, target string) (int32, error) {
+	row := db.QueryRow(ctx, targetWakeJobs, target)
+	var woken int32
+	err := row.Scan(&woken)
+	return woken, err
+}
+
+const targetsPauseLifts = `-- name: TargetsPauseLifts :many
+SELECT name, pause_lifted_at
+FROM stagesync.targets
+WHERE name = ANY ($1::text[]) AND pause_lifted_at IS NOT NULL
+ORDER BY name
+`
+
+type TargetsPauseLiftsRow struct {
+	Name          string     `json:"name"`
+	PauseLiftedAt *time.Time `json:"pause_lifted_at"`
+}
+
+// When each target's pause was last lifted by stagesync.lift_pause: a
+// process that missed the notification lifts its own pause when this
+// changes.
+func (q *Queries) TargetsPauseLifts(ctx context.Context, db DBTX, names []string) ([]TargetsPauseLiftsRow, error) {
+	rows, err := db.Query(ctx, targetsPauseLifts, names)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []TargetsPauseLiftsRow{}
+	for rows.Next() {
+		var i TargetsPauseLiftsRow
+		if err := rows.Scan(&i.Name, &i.PauseLiftedAt); err != nil {
+			return nil, err
+		}
+		items = append(items, i)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
 }
 
 const targetsPaused = `-- name: TargetsPaused :many

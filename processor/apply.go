@@ -44,7 +44,9 @@ type resourceState struct {
 	// batch lookup's partial answer); nil with a snapshot: all of them.
 	covers  map[string]bool
 	deleted bool
-	// missing is set when a batch ETag lookup found no such resource.
+	// missing is set when a batch ETag lookup did not list the resource.
+	// That proves nothing (a stale index, a page limit, a remote ignoring
+	// ids): an update GETs the resource, and only a 404 rejects it.
 	missing bool
 }
 
@@ -211,7 +213,7 @@ func (a *applier) run(ctx context.Context, rr *resourceRun) {
 			return
 		}
 	}
-	for _, seg := range segments(live) {
+	for _, seg := range segments(live, a.t.MaxCoalesce) {
 		var done bool
 		switch seg[0].op {
 		case "create":
@@ -331,11 +333,13 @@ func (rr *resourceRun) existenceSupersedes(c openChange) string {
 
 // segments coalesces changes: consecutive updates fold into one request,
 // updates right after a create fold into the create, a delete stands alone.
-func segments(cs []openChange) [][]openChange {
+// A segment holds at most most changes (max_coalesce), so a resource with
+// thousands pending is written in bounded requests, still in id order.
+func segments(cs []openChange, most int) [][]openChange {
 	var out [][]openChange
 	for _, c := range cs {
 		n := len(out)
-		if c.op == "update" && n > 0 && out[n-1][0].op != "delete" {
+		if c.op == "update" && n > 0 && out[n-1][0].op != "delete" && len(out[n-1]) < most {
 			out[n-1] = append(out[n-1], c)
 			continue
 		}
@@ -372,10 +376,6 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 	}
 	st := rr.state
 	fields := fold(seg)
-	if st.missing {
-		rr.rejectNotFound(seg, "resource not found on the remote (batch ETag lookup)")
-		return true
-	}
 	if st.holds(fields) {
 		rr.finishDetail(seg, statusNoop, "", "", fmt.Sprintf("nothing sent: the stored state of the remote (ETag %s) already shows these values", cleanText(st.etag, 100)))
 		return true
@@ -395,7 +395,8 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 		case a.t.UpdateMethod == http.MethodPut && cur.body == nil:
 			// PUT replaces the whole document: without it, nothing safe
 			// can be sent.
-			rr.finish(seg, statusRejected, "GET "+a.r.itemURL(rr.id)+" returned no JSON object to apply the fields to (update_method PUT)", "")
+			rr.finish(seg, statusRejected, fmt.Sprintf("GET %s answered %d with %s, not a JSON object: a PUT needs the resource's document to apply the fields to (update_method PUT)%s",
+				a.r.itemURL(rr.id), cur.status, describeBody(cur), notTheAPI(cur)), "")
 			return true
 		}
 		st = a.stateFrom(cur)
@@ -404,6 +405,9 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 			rr.finishDetail(seg, statusNoop, "", "", "nothing sent: the remote already held these values")
 			return true
 		}
+	}
+	if a.refusesRedactedPut(rr, seg, st.snapshot, fields) {
+		return true
 	}
 	resp := a.write(ctx, rr, seg, st, fields, nil)
 	switch {
@@ -423,8 +427,50 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 		}
 		return a.mergeAndWrite(ctx, rr, seg, st.base(), cur, nil)
 	default:
+		return a.refused(ctx, rr, seg, resp, nil)
+	}
+}
+
+// refused handles a write that failed other than by a conflict. A refusal
+// of a write that coalesced several updates (422, 400, 413: something in
+// the body) does not say which change carries what the remote won't take,
+// so the changes are sent again one at a time, in id order, each with the
+// ETag and state the one before left (and so by update's own rules: noop,
+// conflict and merge included): only the culprits end rejected, with the
+// remote's reason, and per field the highest id that applies wins. That
+// costs at most one request per change (max_coalesce bounds them), and a
+// change refused alone is rejected as before. Statuses about the resource,
+// the method or the target (404, 405, 410, 415, 401, 403, 407) would only
+// be repeated, and a write in doubt is never re-cut: failure decides.
+func (a *applier) refused(ctx context.Context, rr *resourceRun, seg []openChange, resp response, doubt *inDoubtWrite) bool {
+	if !splittable(seg, resp) || doubt != nil || rr.inDoubt != nil {
 		return a.failure(rr, seg, resp)
 	}
+	for _, c := range seg {
+		if !a.update(ctx, rr, []openChange{c}) {
+			// It waits for a retry: the later ones must not overtake it.
+			return false
+		}
+	}
+	return true
+}
+
+// splittable reports whether a refused write of seg is worth sending again
+// change by change (see refused).
+func splittable(seg []openChange, resp response) bool {
+	if len(seg) < 2 || resp.notSent || resp.status < 400 || resp.status >= 500 || retryableStatus(resp.status) || credentialRefused(resp.status) {
+		return false
+	}
+	switch resp.status {
+	case http.StatusForbidden, http.StatusNotFound, http.StatusMethodNotAllowed, http.StatusGone, http.StatusUnsupportedMediaType:
+		return false
+	}
+	for _, c := range seg {
+		if c.op != "update" {
+			return false
+		}
+	}
+	return true
 }
 
 // fetchFirst reports whether an update must GET the resource before
@@ -486,7 +532,7 @@ func (a *applier) rewriteUnread(ctx context.Context, rr *resourceRun, seg []open
 		}
 		return a.mergeAndWrite(ctx, rr, seg, st.base(), cur, nil)
 	default:
-		return a.failure(rr, seg, resp)
+		return a.refused(ctx, rr, seg, resp, nil)
 	}
 }
 
@@ -617,11 +663,53 @@ func (a *applier) fetchForDelete(ctx context.Context, rr *resourceRun, seg []ope
 	return cur, false, false
 }
 
+// describeBody says what an answer's body was, for errors about it.
+func describeBody(resp response) string {
+	switch {
+	case len(resp.rawBody) == 0:
+		return "no body"
+	case resp.contentType != "":
+		return fmt.Sprintf("a %s body of %d bytes", resp.contentType, len(resp.rawBody))
+	}
+	return fmt.Sprintf("a body of %d bytes", len(resp.rawBody))
+}
+
+// notTheAPI is the advice for a 2xx whose body is a web page: something
+// other than the API answered.
+func notTheAPI(resp response) string {
+	if strings.Contains(resp.contentType, "html") {
+		return ". A web page where the API should answer is usually a login page or a proxy's: check base_url and auth"
+	}
+	return ""
+}
+
 // noETag rejects changes whose resource the remote serves without an ETag:
 // without one no write can be conditional, and an unconditional write
 // could overwrite a person's edit.
 func (a *applier) noETag(rr *resourceRun, live []openChange, cur response) {
+	if cur.etagSecret {
+		rr.finish(live, statusRejected, fmt.Sprintf("the remote put the credential stagesync sends into this resource's ETag (GET %s); "+
+			"stagesync never stores or sends its credential back, so it cannot make a conditional write here: the remote's ETags must not contain the credential", a.r.itemURL(rr.id)), "")
+		return
+	}
 	rr.finish(live, statusRejected, fmt.Sprintf("the remote sent no ETag; stagesync needs one to write safely (GET %s answered %d without an ETag header)", a.r.itemURL(rr.id), cur.status), "")
+}
+
+// refusesRedactedPut rejects changes whose PUT would carry the [redacted]
+// placeholder: the remote's copy holds the credential (a person pasted it
+// into a field), stagesync stored that field redacted, and a PUT of the
+// stored document would write the placeholder over it.
+func (a *applier) refusesRedactedPut(rr *resourceRun, live []openChange, snap, fields map[string]any) bool {
+	if a.t.UpdateMethod != http.MethodPut {
+		return false
+	}
+	f := a.t.redactedField(snap, fields)
+	if f == "" {
+		return false
+	}
+	rr.finish(live, statusRejected, fmt.Sprintf("not sent: the remote's copy of this resource holds the credential stagesync sends, which stagesync keeps only as %s; "+
+		"a PUT would write that placeholder onto the remote (field %s). Remove the credential from that field on the remote and requeue, or use update_method PATCH", redacted, cleanText(f, 100)), "")
+	return true
 }
 
 // refusesOwnETag handles a conflict answered to an If-Match that is the
@@ -658,7 +746,8 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 		return true
 	case cur.status != http.StatusOK || cur.body == nil:
 		if cur.err == nil && !cur.notSent {
-			cur.err = fmt.Errorf("GET %s after a conflict returned %d without a JSON body", a.r.itemURL(rr.id), cur.status)
+			cur.err = fmt.Errorf("GET %s after a conflict answered %d with %s, not a JSON object: the merge needs the remote's current document%s",
+				a.r.itemURL(rr.id), cur.status, describeBody(cur), notTheAPI(cur))
 		}
 		return a.failure(rr, live, cur)
 	}
@@ -711,6 +800,9 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 		a.settle(rr, remaining, m.decisions, cur.etag, doubt)
 		return true
 	}
+	if a.refusesRedactedPut(rr, remaining, curState.snapshot, m.write) {
+		return true
+	}
 	resp := a.writeMerged(ctx, rr, remaining, curState, m.write, theirs)
 	switch {
 	case resp.status >= 200 && resp.status < 300:
@@ -719,7 +811,7 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 	case a.t.isConflict(resp.status):
 		return a.retryLater(rr, remaining, resp)
 	default:
-		return a.failure(rr, remaining, resp)
+		return a.refused(ctx, rr, remaining, resp, doubt)
 	}
 }
 
@@ -884,7 +976,16 @@ func shows(body, written map[string]any) bool {
 }
 
 // failure handles a non-conflict error: transport errors, 429, 408 and 5xx
-// retry later; any other status means the remote refused the change.
+// retry later, and so do 401 and 407 (the credential was refused: the gate
+// paused the target, and the changes wait for the pause's end like
+// throttled ones); any other status means the remote refused the change.
+//
+// 403 is the change's: Forbidden names a credential the remote knows but
+// that may not touch this resource (record-level permissions, another
+// organisation's record), so pausing the target for it would let one
+// protected record stop every change. A credential that may touch nothing
+// ends each change rejected with words that say so, and target_health
+// counts 403 as a failure of the target.
 func (a *applier) failure(rr *resourceRun, live []openChange, resp response) bool {
 	if resp.notSent {
 		if pausedBy(resp) != nil {
@@ -896,19 +997,63 @@ func (a *applier) failure(rr *resourceRun, live []openChange, resp response) boo
 		// stay processing with nothing counted against them.
 		return false
 	}
-	if resp.status == 0 || retryableStatus(resp.status) {
+	if resp.status == 0 || retryableStatus(resp.status) || credentialRefused(resp.status) {
 		return a.retryLater(rr, live, resp)
 	}
-	reason := errText(resp.err)
-	if reason == "" {
-		reason = fmt.Sprintf("unexpected status %d", resp.status)
-	}
+	reason := refusalText(resp)
 	if resp.status == http.StatusNotFound {
 		rr.rejectNotFound(live, reason)
 		return true
 	}
 	rr.finish(live, statusRejected, reason, "")
 	return true
+}
+
+// refusalText is the last_error of a change the remote refused: the
+// request and the remote's answer, and for the answers that are about the
+// resource, the URL or the setup rather than the change's values, what
+// happened and what to do.
+func refusalText(resp response) string {
+	reason := errText(resp.err)
+	method, url := resp.req.method, resp.req.url
+	if reason == "" {
+		reason = fmt.Sprintf("%s %s: unexpected status %d", method, url, resp.status)
+	}
+	var advice string
+	switch s := resp.status; {
+	case s >= 300 && s < 400:
+		to := resp.location
+		if to == "" {
+			to = "an address it did not name"
+		}
+		reason = fmt.Sprintf("%s %s: %d %s", method, url, s, http.StatusText(s))
+		advice = fmt.Sprintf("the remote answered with a redirect to %s; stagesync never follows redirects (they would carry the credential and the body elsewhere): set base_url to the address the remote redirects to", to)
+	case s == http.StatusNotFound && method != http.MethodGet:
+		advice = "the resource does not exist on the remote (deleted since stagesync last saw it, or item_path is wrong): stage a change with op create to make it again"
+	case s == http.StatusGone:
+		advice = "the remote says the resource is gone for good: stage a change with op create if it should exist again"
+	case s == http.StatusForbidden:
+		advice = "the remote knows the credential, but it may not change this resource: check the credential's permissions for it on the remote, then requeue the change (include_rejected)"
+	case s == http.StatusMethodNotAllowed:
+		advice = fmt.Sprintf("the remote does not allow %s at this URL", method)
+		if resp.allow != "" {
+			advice += " (Allow: " + resp.allow + ")"
+		}
+		switch method {
+		case http.MethodPatch:
+			advice += "; if it takes PUT of the whole document, set update_method: PUT; else check item_path"
+		case http.MethodPut:
+			advice += "; if it takes PATCH, set update_method: PATCH; else check item_path"
+		default:
+			advice += "; check item_path"
+		}
+	case s == http.StatusUnsupportedMediaType:
+		advice = "the remote refused the body's media type: stagesync sends Content-Type: application/json (a JSON merge patch), and this remote wants another"
+	}
+	if advice == "" {
+		return reason
+	}
+	return reason + " — " + advice
 }
 
 // retryLater schedules the resource for a retry job: at the end of the
@@ -936,7 +1081,7 @@ func (a *applier) retryLater(rr *resourceRun, live []openChange, resp response) 
 		case int(total) >= a.t.MaxAttempts:
 			o.status, o.errText = statusDead, fmt.Sprintf("gave up after %d attempts: %s", total, reason)
 		case th && a.givenUp(c):
-			o.status, o.errText = statusDead, a.givenUpText(reason)
+			o.status, o.errText = statusDead, a.givenUpText(resp, reason)
 		default:
 			o.status, o.errText = statusProcessing, reason
 			waiting = append(waiting, c)

@@ -3,6 +3,7 @@ package processor
 import (
 	"fmt"
 	"net/http"
+	"strings"
 	"time"
 )
 
@@ -15,10 +16,11 @@ import (
 // attempts the change ends dead with attempts = max_attempts, and no
 // further request is sent for it.
 
-// throttled reports whether resp is a throttling answer or a refusal by a
-// paused target: neither uses up max_attempts.
+// throttled reports whether resp is a throttling answer, a refused
+// credential (the target pauses for it alike) or a refusal by a paused
+// target: none uses up max_attempts, give_up_after bounds them instead.
 func throttled(resp response) bool {
-	return pausedBy(resp) != nil || !resp.notSent && throttling(resp.status)
+	return pausedBy(resp) != nil || !resp.notSent && (throttling(resp.status) || credentialRefused(resp.status))
 }
 
 // outOfAttempts reports whether a change of live has used all its
@@ -45,25 +47,37 @@ func (a *applier) givenUp(c openChange) bool {
 }
 
 // givenUpText is the last_error of a change ended by give_up_after.
-func (a *applier) givenUpText(reason string) string {
-	return fmt.Sprintf("gave up: the remote kept throttling for longer than give_up_after (%s) since the change was staged: %s",
-		a.t.GiveUpAfter.D(), reason)
+func (a *applier) givenUpText(resp response, reason string) string {
+	what := "the remote kept throttling"
+	if p := pausedBy(resp); credentialRefused(resp.status) || p != nil && strings.Contains(p.reason, "refused the credential") {
+		what = "the remote kept refusing the credential"
+	}
+	return fmt.Sprintf("gave up: %s for longer than give_up_after (%s) since the change was staged: %s",
+		what, a.t.GiveUpAfter.D(), reason)
 }
 
 // throttleRetryAt is when a throttled resource is tried again: when the
-// pause ends (the gate paused the target on the answer, or refused the
-// request because it was paused), else after a backoff.
+// target's pause ends (the gate paused the target on the answer, or
+// refused the request because it was paused), else after a backoff.
 func (a *applier) throttleRetryAt(resp response, attempts int32) time.Time {
-	until, paused := a.r.gate.paused()
-	if p := pausedBy(resp); p != nil && p.until.After(until) {
-		until, paused = p.until, true
-	}
-	if paused {
+	// The gate's pause, not the one that refused the request: an operator
+	// may have lifted that one since (stagesync.lift_pause).
+	if until, paused := a.r.gate.paused(); paused {
 		return until
+	}
+	if pausedBy(resp) != nil {
+		return a.now() // the pause that refused it is over
 	}
 	d := resp.retryAfter
 	if d <= 0 || resp.status != http.StatusTooManyRequests && resp.status != http.StatusServiceUnavailable {
 		d = backoff(a.t.Backoff.Base.D(), a.t.Backoff.Max.D(), int(attempts))
 	}
 	return a.now().Add(min(d, maxPause))
+}
+
+// credentialRefused reports whether a status says the remote (401) or a
+// proxy in front of it (407) refused the credential: a problem of the
+// target, not of the change the request carried.
+func credentialRefused(status int) bool {
+	return status == http.StatusUnauthorized || status == http.StatusProxyAuthRequired
 }

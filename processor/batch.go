@@ -562,6 +562,9 @@ func (b *batcher) post(bctx *batchContext, calls []*batchCall, prior []*batchRec
 		switch {
 		case status == http.StatusRequestEntityTooLarge:
 			outcome = outcomeFatal
+		case credentialRefused(status):
+			// The target pauses (the gate sees the POST's status) and the
+			// writes wait for its end, uncounted, as for a single write.
 		case !retryableStatus(status):
 			status = 0
 		}
@@ -602,12 +605,15 @@ func (b *batcher) post(bctx *batchContext, calls []*batchCall, prior []*batchRec
 }
 
 // worseForGate is what the gate observes of a batch: its worst item
-// answer. A throttling answer (429, 503) pauses the target, the longest
-// Retry-After winning; failing that, a failure of the remote (5xx) counts
-// against its health; else the batch shows the remote working.
+// answer. A refused credential (401, 407) pauses the target until it is
+// fixed; a throttling answer (429, 503) pauses it, the longest Retry-After
+// winning; failing that, a failure of the remote (5xx) counts against its
+// health; else the batch shows the remote working.
 func worseForGate(seen, item response) response {
 	rank := func(r response) int {
 		switch {
+		case credentialRefused(r.status):
+			return 3
 		case throttling(r.status):
 			return 2
 		case targetFailure(r):
@@ -662,6 +668,10 @@ func (b *batcher) itemResponse(req request, a odataResponse, start time.Time) re
 		return ""
 	}
 	resp := response{status: a.Status, etag: header("ETag"), req: req}
+	recordedETag := resp.etag
+	if b.r.t.secretETag(resp.etag) {
+		resp.etag, resp.etagSecret, recordedETag = "", true, b.r.t.redact(resp.etag)
+	}
 	raw := []byte(bytes.TrimSpace(a.Body))
 	if len(raw) > 0 && raw[0] == '"' {
 		// A body that is not JSON comes as a string (OData 4.01 JSON §19.2).
@@ -691,7 +701,7 @@ func (b *batcher) itemResponse(req request, a odataResponse, start time.Time) re
 	if text == "" {
 		text = note
 	}
-	resp.attempt = b.r.attempt(req, start, a.Status, resp.etag, b.r.classify(req.method, a.Status), text)
+	resp.attempt = b.r.attempt(req, start, a.Status, recordedETag, b.r.classify(req.method, a.Status), text)
 	return resp
 }
 

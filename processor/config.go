@@ -68,6 +68,12 @@ type TargetConfig struct {
 	// Defaults to 100 (a lookup's URL stays short, and a backlog spreads
 	// over several jobs' database sessions).
 	BatchSize int `yaml:"batch_size" zero:"default"`
+		// MaxCoalesce is the most changes of one resource folded into one
+	// request, 1 to 10000. A resource with more pending changes is written
+	// in several requests, in id order, so no body grows without bound and
+	// a refusal costs at most this many changes a second request each.
+	// Defaults to 100.
+	MaxCoalesce int `yaml:"max_coalesce" zero:"default"`
 	// ConflictStatuses are the statuses that mean "ETag mismatch".
 	// Defaults to [409, 412].
 	ConflictStatuses []int `yaml:"conflict_statuses" zero:"default"`
@@ -416,6 +422,10 @@ func (t *TargetConfig) validate(getenv func(string) string) []keyError {
 	if t.BatchSize < 1 || t.BatchSize > 500 {
 		bad("batch_size", "must be between 1 and 500")
 	}
+	defaultInt(&t.MaxCoalesce, 100)
+	if t.MaxCoalesce < 1 || t.MaxCoalesce > 10000 {
+		bad("max_coalesce", "must be between 1 and 10000, got %d", t.MaxCoalesce)
+	}
 	if len(t.ConflictStatuses) == 0 {
 		t.ConflictStatuses = []int{http.StatusConflict, http.StatusPreconditionFailed}
 	}
@@ -533,6 +543,7 @@ func (t *TargetConfig) Settings() map[string]any {
 	s := map[string]any{
 		"batch_etag_path":   t.BatchETagPath,
 		"batch_size":        t.BatchSize,
+		"max_coalesce":      t.MaxCoalesce,
 		"conflict_statuses": t.ConflictStatuses,
 		"concurrency":       t.Concurrency,
 		"workers":           t.Workers,

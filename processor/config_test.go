@@ -57,6 +57,9 @@ func TestParseConfigErrorsNameTheKey(t *testing.T) {
 		{"no conflict status", "    conflict_statuses: []\n", "line 5: targets.territory.conflict_statuses: must not be an empty list; leave the key out for the default"},
 		{"retention pause 0", "retention: {pause: 0s}\n", "line 5: retention.pause: must not be 0; leave the key out for the default"},
 		{"retention batch 0", "retention: {batch_size: 0}\n", "line 5: retention.batch_size: must not be 0"},
+		{"max_coalesce negative", "    max_coalesce: -1\n", "targets.territory.max_coalesce: must be between 1 and 10000, got -1"},
+		{"max_coalesce too big", "    max_coalesce: 10001\n", "targets.territory.max_coalesce: must be between 1 and 10000, got 10001"},
+		{"max_coalesce zero", "    max_coalesce: 0\n", "line 5: targets.territory.max_coalesce: must not be 0; leave the key out for the default"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -221,7 +221,7 @@ func (p *Processor) listenOnce(ctx context.Context) error {
 		switch {
 		case n.Channel != coordChannel:
 			p.wakeClaimer()
-		case strings.HasPrefix(n.Payload, "pause "):
+		case strings.HasPrefix(n.Payload, "pause "), strings.HasPrefix(n.Payload, "lift "):
 			signal(p.pausesNow)
 		default:
 			signal(p.sharesNow)

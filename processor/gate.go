@@ -9,6 +9,7 @@ import (
 	"math"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -71,9 +72,13 @@ type gate struct {
 	throttles   int // throttling events in a row, for pauses without Retry-After
 	pausedUntil time.Time
 	pauseReason string
-	limiter     *rate.Limiter // nil: no rate limit
-	share       float64       // requests/s this process may send; 0: no rate limit
-	health      targetHealth
+	// credPause: the pause in force is a refused credential's (401, 407).
+	// Answers to requests that were in flight when it began neither
+	// extend it nor log again.
+	credPause bool
+	limiter   *rate.Limiter // nil: no rate limit
+	share     float64       // requests/s this process may send; 0: no rate limit
+	health    targetHealth
 
 	logger  *slog.Logger
 	metrics *Metrics
@@ -345,11 +350,28 @@ func (g *gate) release(ctx context.Context, start time.Time, resp response) {
 		return
 	}
 	var (
-		paused bool
-		pause  time.Duration
-		reason string
+		paused    bool
+		pause     time.Duration
+		reason    string
+		credLogAt time.Time
 	)
 	switch {
+	case credentialRefused(resp.status):
+		// Not one change's problem but every request's: the target pauses
+		// (in every process) until the credential is fixed and the pause
+		// lifted (stagesync.lift_pause), or for backoff.max, after which
+		// one request probes (the limit is 1) and a refusal pauses again.
+		g.limit, g.epoch = 1, now
+		g.metrics.setInflightLimit(g.t.Name, g.limit)
+		if g.credPause && now.Before(g.pausedUntil) {
+			break
+		}
+		pause, reason = min(g.t.Backoff.Max.D(), maxPause), credentialPauseReason(g.t, resp.status)
+		if until := now.Add(pause); until.After(g.pausedUntil) {
+			g.pausedUntil, g.pauseReason, paused = until, reason, true
+		}
+		g.credPause, credLogAt = true, g.pausedUntil
+		g.wakeAllLocked()
 	case throttling(resp.status):
 		g.epoch = now
 		if start.After(g.lastCut) {
@@ -362,6 +384,7 @@ func (g *gate) release(ctx context.Context, start time.Time, resp response) {
 		pause, reason = g.pauseFor(resp)
 		if until := now.Add(pause); until.After(g.pausedUntil) {
 			g.pausedUntil, g.pauseReason, paused = until, reason, true
+			g.credPause = false
 			g.wakeAllLocked()
 		}
 	case resp.status == 0 || resp.status >= 500 || resp.status == http.StatusRequestTimeout:
@@ -387,7 +410,41 @@ func (g *gate) release(ctx context.Context, start time.Time, resp response) {
 			onPause(g.t.Name, pause, reason)
 		}
 	}
+	if !credLogAt.IsZero() && logger != nil {
+		logger.WarnContext(ctx, "the remote refused the credential: target paused for every process; its changes wait (no attempt counted, give_up_after still applies)",
+			"target", g.t.Name, "status", resp.status, "paused_until", credLogAt.UTC().Format(time.RFC3339),
+			"action", fmt.Sprintf("check the credential, then SELECT stagesync.lift_pause('%s') to resume at once", g.t.Name))
+	}
 	line.log(ctx, logger, g.t.Name)
+}
+
+// credentialPauseReason is the pause_reason of a refused credential: what
+// happened and what to do.
+func credentialPauseReason(t *TargetConfig, status int) string {
+	who := "the remote refused the credential"
+	if status == http.StatusProxyAuthRequired {
+		who = "a proxy in front of the remote refused the credential"
+	}
+	check := "check the credential"
+	if t.Auth != nil {
+		check += fmt.Sprintf(" (header %s from environment variable %s)", t.Auth.Header, t.Auth.Env)
+	} else {
+		check += " (no auth is configured for this target: add auth)"
+	}
+	return fmt.Sprintf("%d %s: %s; %s, then SELECT stagesync.lift_pause('%s') to resume at once",
+		status, http.StatusText(status), who, check, t.Name)
+}
+
+// lift ends the pause in force (stagesync.lift_pause): whatever paused the
+// target, an operator said it may go on. The in-flight limit grows back
+// from where the pause left it.
+func (g *gate) lift() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	was := g.now().Before(g.pausedUntil)
+	g.pausedUntil, g.pauseReason, g.credPause, g.throttles = time.Time{}, "", false, 0
+	g.grantLocked()
+	return was
 }
 
 // idleLocked notes when the last request in flight was answered.
@@ -421,6 +478,7 @@ func (g *gate) pauseFromPeer(until time.Time, reason string) {
 	defer g.mu.Unlock()
 	if until.After(g.pausedUntil) {
 		g.pausedUntil, g.pauseReason = until, reason
+		g.credPause = strings.Contains(reason, "refused the credential")
 		g.wakeAllLocked()
 	}
 }

@@ -167,7 +167,13 @@ func TestSegmentsCoalesceInOrder(t *testing.T) {
 		{id: 1, op: "update"}, {id: 2, op: "update"}, {id: 3, op: "delete"}, {id: 4, op: "update"},
 		{id: 5, op: "create"}, {id: 6, op: "update"}, {id: 7, op: "delete"}, {id: 8, op: "delete"},
 	}
-	require.Equal(t, [][]int64{{1, 2}, {3}, {4}, {5, 6}, {7}, {8}}, ops(segments(cs)))
+	require.Equal(t, [][]int64{{1, 2}, {3}, {4}, {5, 6}, {7}, {8}}, ops(segments(cs, 100)))
+	// max_coalesce cuts a run of updates (and a create's) into pieces.
+	long := []openChange{
+		{id: 1, op: "update"}, {id: 2, op: "update"}, {id: 3, op: "update"},
+		{id: 4, op: "create"}, {id: 5, op: "update"}, {id: 6, op: "update"},
+	}
+	require.Equal(t, [][]int64{{1, 2}, {3}, {4, 5}, {6}}, ops(segments(long, 2)))
 
 	folded := fold([]openChange{
 		{fields: map[string]any{"a": 1, "b": 1}},

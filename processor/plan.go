@@ -157,7 +157,7 @@ func (a *applier) plan(rr *resourceRun) []PlannedStep {
 	if a.batchLookup(rr) {
 		lookup = "the job's batch ETag lookup (" + a.t.BaseURL + a.t.BatchETagPath + "?ids=…)"
 	}
-	for _, seg := range segments(live) {
+	for _, seg := range segments(live, a.t.MaxCoalesce) {
 		switch seg[0].op {
 		case "create":
 			steps = append(steps, a.step(rr, seg, a.createRequest(rr, seg, fold(seg)), first, "create: only if the resource does not exist yet; if it does, a GET and a merge with an unknown base"))

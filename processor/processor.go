@@ -67,6 +67,14 @@ type Processor struct {
 	// notification said they changed. Buffers of one coalesce them.
 	pausesNow chan struct{}
 	sharesNow chan struct{}
+	// lifts is when each target's pause was last lifted by
+	// stagesync.lift_pause, as this process last read it (nil until the
+	// first read); only applyPauses, on one goroutine at a time, uses it.
+	lifts map[string]time.Time
+	// rewake is when to wake a lifted target's scheduled jobs once more:
+	// a job in flight at the lift may record a retry for the old pause's
+	// end just after it.
+	rewake map[string]time.Time
 	// mon is the monitor loop's state (monitor.go).
 	mon *monitor
 }

@@ -61,3 +61,63 @@ func (t *TargetConfig) redactBytes(b []byte) []byte {
 	}
 	return b
 }
+
+// secretETag reports whether an ETag holds the target's credential, as
+// sent or already redacted (an ETag read from a redacted body). Such an
+// ETag is never stored or sent back in If-Match: the stored form would be
+// the placeholder, which matches nothing, and the real one is a secret.
+func (t *TargetConfig) secretETag(etag string) bool {
+	forms := t.secretForms()
+	if len(forms) == 0 || etag == "" {
+		return false
+	}
+	if strings.Contains(etag, redacted) {
+		return true
+	}
+	for _, f := range forms {
+		if strings.Contains(etag, f) {
+			return true
+		}
+	}
+	return false
+}
+
+// redactedField names the first field of snap (in key order) that a
+// document built from it would carry the [redacted] placeholder in, other
+// than the fields set over it, or returns "". Only a target with a
+// credential can have redacted anything.
+func (t *TargetConfig) redactedField(snap, set map[string]any) string {
+	if len(t.secretForms()) == 0 {
+		return ""
+	}
+	for _, k := range sortedKeys(snap) {
+		if _, over := set[k]; over {
+			continue
+		}
+		if strings.Contains(k, redacted) || holdsRedacted(snap[k]) {
+			return k
+		}
+	}
+	return ""
+}
+
+// holdsRedacted reports whether a decoded JSON value holds the placeholder.
+func holdsRedacted(v any) bool {
+	switch v := v.(type) {
+	case string:
+		return strings.Contains(v, redacted)
+	case map[string]any:
+		for k, e := range v {
+			if strings.Contains(k, redacted) || holdsRedacted(e) {
+				return true
+			}
+		}
+	case []any:
+		for _, e := range v {
+			if holdsRedacted(e) {
+				return true
+			}
+		}
+	}
+	return false
+}

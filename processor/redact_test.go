@@ -42,3 +42,18 @@ func TestRedactLeavesShortOrMissingCredentialsAlone(t *testing.T) {
 		require.Equal(t, "abc def", tc.redact("abc def"), "credential %q: ordinary text must survive", v)
 	}
 }
+
+func TestSecretETagsAndRedactedFieldsAreFound(t *testing.T) {
+	t.Parallel()
+	tc := &TargetConfig{authValue: "tok-secret"}
+	require.True(t, tc.secretETag(`"tok-secret"`), "an ETag holding the credential")
+	require.True(t, tc.secretETag(`"v1-[redacted]"`), "an ETag read from a redacted body")
+	require.False(t, tc.secretETag(`"v1"`), "an ordinary ETag")
+	require.False(t, (&TargetConfig{}).secretETag(`"[redacted]"`), "no credential configured: nothing was redacted")
+
+	snap := map[string]any{"a": "x", "b": map[string]any{"c": []any{"key [redacted]"}}, "d": "[redacted]"}
+	require.Equal(t, "b", tc.redactedField(snap, nil), "the first field in key order holding the placeholder")
+	require.Equal(t, "d", tc.redactedField(snap, map[string]any{"b": 1}), "a field set over is not sent from the snapshot")
+	require.Empty(t, tc.redactedField(snap, map[string]any{"b": 1, "d": 2}))
+	require.Empty(t, (&TargetConfig{}).redactedField(snap, nil), "no credential configured")
+}

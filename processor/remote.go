@@ -56,6 +56,12 @@ type response struct {
 	// the gate, or its durable intent could not be written). No attempt was
 	// made, so none is recorded or counted.
 	notSent bool
+	// allow, location and contentType are the answer's headers of those
+	// names (Location redacted), for clear words about odd answers.
+	allow, location, contentType string
+	// etagSecret: the answer's ETag held the credential; etag is "" (see
+	// TargetConfig.secretETag).
+	etagSecret bool
 	// unknown: the request may have reached the remote, but no answer came
 	// (a transport error once it was written, a timeout). A write with an
 	// unknown outcome makes the resource in doubt.
@@ -269,7 +275,13 @@ func (r *remote) send(ctx context.Context, req request) response {
 	// A remote may echo the request's credential (a gateway's error page,
 	// a debug body): it goes no further than here.
 	raw = r.t.redactBytes(raw)
-	resp := response{status: hresp.StatusCode, etag: hresp.Header.Get("ETag"), rawBody: raw, req: req}
+	resp := response{status: hresp.StatusCode, etag: hresp.Header.Get("ETag"), rawBody: raw, req: req,
+		allow: cleanText(hresp.Header.Get("Allow"), 100), location: cleanText(r.t.redact(hresp.Header.Get("Location")), 200),
+		contentType: cleanText(hresp.Header.Get("Content-Type"), 100)}
+	recordedETag := resp.etag
+	if r.t.secretETag(resp.etag) {
+		resp.etag, resp.etagSecret, recordedETag = "", true, r.t.redact(resp.etag)
+	}
 	var note string
 	switch {
 	case truncated:
@@ -291,7 +303,7 @@ func (r *remote) send(ctx context.Context, req request) response {
 	if text == "" {
 		text = note
 	}
-	resp.attempt = r.attempt(req, start, hresp.StatusCode, resp.etag, r.classify(req.method, hresp.StatusCode), text)
+	resp.attempt = r.attempt(req, start, hresp.StatusCode, recordedETag, r.classify(req.method, hresp.StatusCode), text)
 	return resp
 }
 
@@ -424,8 +436,9 @@ type batchItem struct {
 }
 
 // batchETags asks the batch endpoint for the ETags of ids, with the fields
-// the merge needs as their base: fields, or all of them. Ids missing from
-// the answer do not exist remotely.
+// the merge needs as their base: fields, or all of them. An id missing from
+// the answer (or listed without a usable ETag) is unclear, not missing: a
+// GET of it decides.
 func (r *remote) batchETags(ctx context.Context, req request, ids []string, fields []string, all bool) (map[string]batchItem, response) {
 	q := url.Values{}
 	q.Set("ids", strings.Join(ids, ","))
@@ -448,6 +461,11 @@ func (r *remote) batchETags(ctx context.Context, req request, ids []string, fiel
 		resp.err = err
 		resp.attempt.errText = err.Error()
 		return nil, resp
+	}
+	for id, it := range items {
+		if r.t.secretETag(it.etag) {
+			delete(items, id) // unclear: its GET decides, and refuses it
+		}
 	}
 	return items, resp
 }

@@ -90,8 +90,49 @@ func (p *Processor) publishPauses(ctx context.Context) {
 }
 
 // applyPauses reads the paused targets and pauses the gates of this
-// process that are not paused as long.
+// process that are not paused as long. First it lifts the pauses an
+// operator lifted (stagesync.lift_pause) since its last read: the
+// notification 'lift <target>' brings it here at once, and the poll finds
+// one it missed.
 func (p *Processor) applyPauses(ctx context.Context) error {
+	lifts, err := p.q.TargetsPauseLifts(ctx, p.pool, p.cfg.TargetNames())
+	if err != nil {
+		return fmt.Errorf("read lifted target pauses: %w", err)
+	}
+	seen := make(map[string]time.Time, len(lifts))
+	for _, l := range lifts {
+		if l.PauseLiftedAt == nil {
+			continue
+		}
+		seen[l.Name] = *l.PauseLiftedAt
+		rem, ok := p.remotes[l.Name]
+		// The first read only learns the lifts that happened before this
+		// process started.
+		if !ok || p.lifts == nil || p.lifts[l.Name].Equal(*l.PauseLiftedAt) {
+			continue
+		}
+		if rem.gate.lift() {
+			p.logger.InfoContext(ctx, "target pause lifted by an operator (stagesync.lift_pause): sending again", "target", l.Name)
+		}
+		p.wakeClaimer()
+		if _, err := p.q.TargetWakeJobs(ctx, p.pool, l.Name); err != nil {
+			return fmt.Errorf("wake the jobs of target %q after its pause was lifted: %w", l.Name, err)
+		}
+		if p.rewake == nil {
+			p.rewake = map[string]time.Time{}
+		}
+		p.rewake[l.Name] = time.Now().Add(time.Second)
+	}
+	p.lifts = seen
+	for name, at := range p.rewake {
+		if time.Now().Before(at) {
+			continue
+		}
+		if _, err := p.q.TargetWakeJobs(ctx, p.pool, name); err != nil {
+			return fmt.Errorf("wake the jobs of target %q after its pause was lifted: %w", name, err)
+		}
+		delete(p.rewake, name)
+	}
 	rows, err := p.q.TargetsPaused(ctx, p.pool, p.cfg.TargetNames())
 	if err != nil {
 		return fmt.Errorf("read target pauses: %w", err)

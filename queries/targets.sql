@@ -32,3 +32,17 @@ SELECT name, coalesce(pause_reason, '')::text AS pause_reason,
 FROM stagesync.targets
 WHERE name = ANY (@names::text[]) AND paused_until > clock_timestamp()
 ORDER BY name;
+
+-- name: TargetsPauseLifts :many
+-- When each target's pause was last lifted by stagesync.lift_pause: a
+-- process that missed the notification lifts its own pause when this
+-- changes.
+SELECT name, pause_lifted_at
+FROM stagesync.targets
+WHERE name = ANY (@names::text[]) AND pause_lifted_at IS NOT NULL
+ORDER BY name;
+
+-- name: TargetWakeJobs :one
+-- Makes the target's apply jobs scheduled for later available now (its
+-- pause was lifted).
+SELECT stagesync.wake_target_jobs(@target::text)::integer AS woken;

@@ -183,7 +183,9 @@ func TestDeepBacklogIsWorkedInBoundedRoundsInOrder(t *testing.T) {
 		SELECT $1, r, jsonb_build_object('seq', g) FROM generate_series(0, $2::int - 1) g, unnest($3::text[]) r
 		ORDER BY g, r`, target, perResource, ids)
 	require.NoError(t, err)
-	h.startProcessor(configYAML(nil, nil))
+	// max_coalesce at its ceiling, so that the PATCHes show the rounds (the
+	// default, 100, would cut each round's changes into requests of 100).
+	h.startProcessor(configYAML(nil, map[string]string{"max_coalesce": "10000"}))
 	h.waitDrained(60 * time.Second)
 
 	require.Equal(t, map[string]int{"applied": 2 * perResource}, h.statusCounts())

@@ -247,7 +247,7 @@ func (s *Sim) serveBatchGet(q url.Values, mb *misbehavior) response {
 		if slices.Contains(ids[:i], id) {
 			continue
 		}
-		if res := s.resources[id]; res != nil {
+		if res := s.resources[id]; res != nil && !(mb.OmitFromBatchLookup && mb.appliesTo(id)) {
 			found = append(found, batchEntry{id: id, etag: res.etag, fields: res.fields})
 		}
 	}

@@ -68,7 +68,32 @@ type Misbehavior struct {
 	// at this many bytes per second, in chunks every 50ms (or one byte at a time below 20
 	// bytes per second). The trickle stops when the client goes away.
 	SlowBodyBytesPerSec int64
+
+	// OmitFromBatchLookup leaves the resources the modes apply to out of batch lookup
+	// answers, although they exist (a GET finds them), as a remote with a stale index or
+	// a page limit does. With IDs empty every entry is left out: the answer is [], as from
+	// a remote that ignores the ids parameter.
+	OmitFromBatchLookup bool
+
+	// Status, if set, answers the single API requests the modes apply to (not $batch
+	// items) with this status and a JSON error body, before touching state: 401, 403,
+	// 405, 407, 410, 415 and so on. A 3xx carries "Location: /elsewhere" and no body.
+	// StatusMethods limits it to these methods; empty means every method.
+	Status        int
+	StatusMethods []string
+
+	// HTMLBody replaces the body of 2xx answers with a text/html page (a login page or a
+	// proxy's page), keeping their status and ETag.
+	HTMLBody bool
+
+	// ETagEchoesAuthorization puts the request's Authorization header into the ETag of
+	// answers that carry one, quoted (a debug gateway's way to make ETags per client).
+	// The resource's real ETag is still enforced.
+	ETagEchoesAuthorization bool
 }
+
+// htmlBody is what HTMLBody sends.
+var htmlBody = []byte("<!DOCTYPE html><html><body><h1>Please sign in</h1></body></html>")
 
 // problem describes what is wrong with m, or returns "".
 func (m *Misbehavior) problem() string {
@@ -77,6 +102,8 @@ func (m *Misbehavior) problem() string {
 		return fmt.Sprintf("Misbehavior.PadBodyBytes %d: must be in [0,%d]", m.PadBodyBytes, maxPadBodyBytes)
 	case m.SlowBodyBytesPerSec < 0:
 		return fmt.Sprintf("Misbehavior.SlowBodyBytesPerSec %d: must not be negative", m.SlowBodyBytesPerSec)
+	case m.Status != 0 && (m.Status < 200 || m.Status > 599):
+		return fmt.Sprintf("Misbehavior.Status %d: must be a status from 200 to 599", m.Status)
 	}
 	return ""
 }
@@ -93,6 +120,7 @@ func newMisbehavior(m Misbehavior) *misbehavior {
 		panic("remotesim: " + p)
 	}
 	m.IDs = slices.Clone(m.IDs)
+	m.StatusMethods = slices.Clone(m.StatusMethods)
 	mb := &misbehavior{Misbehavior: m}
 	if len(m.IDs) > 0 {
 		mb.ids = make(map[string]bool, len(m.IDs))
@@ -107,6 +135,18 @@ func newMisbehavior(m Misbehavior) *misbehavior {
 // about no single resource).
 func (m *misbehavior) appliesTo(id string) bool {
 	return m.ids == nil || m.ids[id]
+}
+
+// refusal returns the answer Status gives the single request x, if it applies.
+func (m *misbehavior) refusal(x *exchange) (response, bool) {
+	if m.Status == 0 || x.kind == kindBatch || !m.appliesTo(x.id) ||
+		len(m.StatusMethods) > 0 && !slices.Contains(m.StatusMethods, x.rec.Method) {
+		return response{}, false
+	}
+	if m.Status >= 300 && m.Status < 400 {
+		return response{status: m.Status, location: "/elsewhere"}, true
+	}
+	return response{status: m.Status, body: errorBody(http.StatusText(m.Status))}, true
 }
 
 // SetMisbehavior replaces the misbehaving modes for requests that arrive from now on. It
@@ -127,6 +167,12 @@ func present(x *exchange, resp response) response {
 	}
 	if mb.NoETag {
 		resp.etag = ""
+	}
+	if mb.ETagEchoesAuthorization && resp.etag != "" && x.auth != "" {
+		resp.etag = `"` + x.auth + `"`
+	}
+	if mb.HTMLBody && resp.status >= 200 && resp.status < 300 && resp.body != nil {
+		resp.body, resp.contentType, resp.item = htmlBody, "text/html; charset=utf-8", false
 	}
 	if mb.HugeNumberField != "" && resp.item {
 		resp.body = withField(resp.body, mb.HugeNumberField, []byte(HugeNumber))
@@ -173,6 +219,9 @@ func (s *Sim) answer(w http.ResponseWriter, r *http.Request, x *exchange) {
 	if resp.allow != "" {
 		h.Set("Allow", resp.allow)
 	}
+	if resp.location != "" {
+		h.Set("Location", resp.location)
+	}
 	if resp.body == nil {
 		w.WriteHeader(resp.status)
 		return
@@ -182,7 +231,11 @@ func (s *Sim) answer(w http.ResponseWriter, r *http.Request, x *exchange) {
 	if pad >= 0 {
 		size = padTo
 	}
-	h.Set("Content-Type", "application/json")
+	ct := resp.contentType
+	if ct == "" {
+		ct = "application/json"
+	}
+	h.Set("Content-Type", ct)
 	h.Set("Content-Length", strconv.FormatInt(size, 10))
 	w.WriteHeader(resp.status)
 	var out io.Writer = w

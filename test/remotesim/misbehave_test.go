@@ -356,3 +356,39 @@ func TestSetMisbehaviorPanicsOnInvalidValues(t *testing.T) {
 		require.Panics(t, func() { remotesim.New(remotesim.Options{Misbehavior: m}) }, "%+v", m)
 	}
 }
+
+func TestOddAnswerModes(t *testing.T) {
+	t.Parallel()
+	t.Run("OmitFromBatchLookup leaves the IDs out, or answers [] without IDs", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t, remotesim.Options{Misbehavior: remotesim.Misbehavior{IDs: []string{"a"}, OmitFromBatchLookup: true}})
+		b.sim.Put("a", nil)
+		eb := b.sim.Put("b", nil)
+		res := b.do(t, http.MethodGet, "/items?ids=a,b&fields=id,etag", "")
+		require.JSONEq(t, fmt.Sprintf(`[{"id":"b","etag":%q}]`, eb), res.body)
+		require.Equal(t, http.StatusOK, b.do(t, http.MethodGet, itemPath("a"), "").status, "a GET still finds it")
+		b.sim.SetMisbehavior(remotesim.Misbehavior{OmitFromBatchLookup: true})
+		require.JSONEq(t, `[]`, b.do(t, http.MethodGet, "/items?ids=a,b", "").body)
+	})
+	t.Run("Status answers the chosen methods before touching state", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t, remotesim.Options{Misbehavior: remotesim.Misbehavior{Status: http.StatusUnauthorized, StatusMethods: []string{http.MethodPatch}}})
+		e := b.sim.Put("a", map[string]any{"owner": "crm"})
+		res := b.do(t, http.MethodPatch, itemPath("a"), `{"owner":"me"}`, "If-Match", e)
+		require.Equal(t, http.StatusUnauthorized, res.status)
+		require.JSONEq(t, `{"error":"Unauthorized"}`, res.body)
+		require.Equal(t, http.StatusOK, b.do(t, http.MethodGet, itemPath("a"), "").status, "GET is not chosen")
+		got, _, _ := b.sim.Get("a")
+		require.Equal(t, map[string]any{"owner": "crm"}, got, "state untouched")
+	})
+	t.Run("HTMLBody and ETagEchoesAuthorization", func(t *testing.T) {
+		t.Parallel()
+		b := setup(t, remotesim.Options{Misbehavior: remotesim.Misbehavior{HTMLBody: true, ETagEchoesAuthorization: true}})
+		b.sim.Put("a", map[string]any{"owner": "crm"})
+		res := b.do(t, http.MethodGet, itemPath("a"), "", "Authorization", "Bearer tok")
+		require.Equal(t, http.StatusOK, res.status)
+		require.Contains(t, res.header.Get("Content-Type"), "text/html")
+		require.True(t, strings.HasPrefix(res.body, "<!DOCTYPE html>"), "body: %q", res.body)
+		require.Equal(t, `"Bearer tok"`, res.header.Get("ETag"))
+	})
+}

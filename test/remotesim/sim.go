@@ -301,7 +301,10 @@ type response struct {
 	body       []byte
 	retryAfter bool
 	allow      string
-	item       bool // body is a resource's representation
+	location   string // a redirect's Location (Misbehavior.Status)
+	// contentType replaces application/json (Misbehavior.HTMLBody).
+	contentType string
+	item        bool // body is a resource's representation
 }
 
 // exchange is one API request in progress. Handlers read the request from rec, body and
@@ -370,7 +373,7 @@ func (s *Sim) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	x.slot = s.log.reserve(&x.rec)
 	s.mu.Unlock()
-	if x.mb.EchoAuthorization {
+	if x.mb.EchoAuthorization || x.mb.ETagEchoesAuthorization {
 		x.auth = r.Header.Get("Authorization")
 	}
 
@@ -392,7 +395,9 @@ func (s *Sim) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case faultRateLimit:
 		x.resp = response{status: http.StatusTooManyRequests, body: bodyRateLimited, retryAfter: true}
 	default:
-		if x.kind != kindNone {
+		if refused, ok := x.mb.refusal(&x); ok {
+			x.resp = refused
+		} else if x.kind != kindNone {
 			s.handle(w, r, &x)
 		}
 	}
