@@ -68,7 +68,7 @@ type TargetConfig struct {
 	// Defaults to 100 (a lookup's URL stays short, and a backlog spreads
 	// over several jobs' database sessions).
 	BatchSize int `yaml:"batch_size" zero:"default"`
-		// MaxCoalesce is the most changes of one resource folded into one
+	// MaxCoalesce is the most changes of one resource folded into one
 	// request, 1 to 10000. A resource with more pending changes is written
 	// in several requests, in id order, so no body grows without bound and
 	// a refusal costs at most this many changes a second request each.
