@@ -197,12 +197,7 @@ func TestDemoNeverDropsADatabaseItDidNotMake(t *testing.T) {
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(t.Context()), 30*time.Second)
 		defer cancel()
-		c, err := pgx.Connect(ctx, admin)
-		if err == nil {
-			_, err = c.Exec(ctx, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)")
-			_ = c.Close(ctx)
-		}
-		if err != nil {
+		if err := dropTestDatabase(ctx, name); err != nil {
 			t.Errorf("drop %s: %v", name, err)
 		}
 	})

@@ -65,7 +65,7 @@ func emptyDatabase(t *testing.T) string {
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(t.Context()), 30*time.Second)
 		defer cancel()
-		require.NoError(t, dropDatabase(ctx, dbtest.AdminURL(), name))
+		require.NoError(t, dropTestDatabase(ctx, name))
 	})
 	u, err := url.Parse(dbtest.AdminURL())
 	require.NoError(t, err)
