@@ -56,7 +56,7 @@ import (
 // write, in a later batch; 422 → rejected; 429/503 → the target pauses); no
 // answer for it in the batch's answer → outcome unknown (in doubt, never
 // success). Per POST: a 413 halves max_requests for the target (for the
-// life of the process) and the writes go again in halves at once; another
+// life of the process) and the writes go again at once, within it; another
 // non-200 status fails each write with it, retried as any failed write is
 // (a 4xx of the batch is not the write's fault: retried, not rejected); a
 // transport error once the POST was written, or an answer that can't be
@@ -540,11 +540,11 @@ func (b *batcher) post(bctx *batchContext, calls []*batchCall, prior []*batchRec
 	case hresp.StatusCode == http.StatusRequestEntityTooLarge && len(calls) > 1:
 		env.outcome, env.errText = batchTooLarge, fmt.Sprintf("POST %s: 413 %s", b.url, reason)
 		release(response{status: hresp.StatusCode})
-		b.tooLarge(len(calls), reason)
-		// Nothing was applied: the same writes go again, in halves.
-		half := len(calls) / 2
-		b.sendAs(bctx, calls[:half], travelled)
-		b.sendAs(bctx, calls[half:], travelled)
+		// Nothing was applied: the same writes go again at once, in POSTs
+		// of at most the new limit (halves of an odd batch would exceed it).
+		for chunk := range slices.Chunk(calls, b.tooLarge(len(calls), reason)) {
+			b.sendAs(bctx, chunk, travelled)
+		}
 		return
 
 	case hresp.StatusCode < 200 || hresp.StatusCode > 299:
@@ -706,24 +706,26 @@ func (b *batcher) itemResponse(req request, a odataResponse, start time.Time) re
 }
 
 // tooLarge halves max_requests after the remote refused a batch of n
-// writes as too large. It stays halved for the life of the process: the
+// writes as too large, and returns the limit now in force. It stays halved for the life of the process: the
 // remote's limit is a setting of the remote, and probing upwards would
 // cost a 413 each time.
-func (b *batcher) tooLarge(n int, reason string) {
+func (b *batcher) tooLarge(n int, reason string) int {
 	b.mu.Lock()
 	next := max(1, n/2)
 	changed := next < b.max
 	if changed {
 		b.max = next
 	}
+	limit := b.max
 	b.mu.Unlock()
 	if !changed {
-		return
+		return limit
 	}
 	b.r.metrics.setBatchMax(b.r.t.Name, next)
 	b.logger.Warn("the remote refused a batch as too large (413); batches to this target now carry at most half as many writes until the process restarts",
 		"target", b.r.t.Name, "writes", n, "max_requests", next, "reason", cleanText(reason, 200),
 		"hint", fmt.Sprintf("set batch_write.max_requests to %d or less", next))
+	return limit
 }
 
 // batchContext is the context of a batch POST: it ends only when every job

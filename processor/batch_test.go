@@ -503,6 +503,33 @@ func TestBatcherRedactsTheCredentialInAnswers(t *testing.T) {
 	}
 }
 
+// After a 413 the writes go again in POSTs of at most the new limit: the
+// halves of an odd batch would exceed it (13 of a refused 25 when the remote
+// takes 12) and cost another 413.
+func TestBatcher413ResendsWithinTheNewLimit(t *testing.T) {
+	t.Parallel()
+	bs := newBatchServer(t)
+	bs.answer = func(_ int, items []odataRequest, w http.ResponseWriter) bool {
+		if len(items) > 12 {
+			http.Error(w, "too many requests in batch", http.StatusRequestEntityTooLarge)
+			return true
+		}
+		return false
+	}
+	r := batchRemote(t, bs, 25)
+	resps := writeAll(t, r, 25)
+	require.Len(t, resps, 25)
+	for id, resp := range resps {
+		require.Equal(t, http.StatusOK, resp.status, "write %s", id)
+	}
+	sizes := bs.sizes()
+	require.Equal(t, 25, sizes[0])
+	rest := slices.Clone(sizes[1:])
+	slices.Sort(rest)
+	require.Equal(t, []int{1, 12, 12}, rest, "one 413, then POSTs within the limit: got %v", sizes)
+	require.Equal(t, 12, r.batch.max)
+}
+
 // A 413 for a batch holding a single write is that write's answer: the
 // remote refuses it as too large, so its change is rejected (with the
 // reason), not retried forever.
