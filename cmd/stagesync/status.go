@@ -32,7 +32,7 @@ func cmdStatus(ctx context.Context, args []string, getenv func(string) string, s
 	asJSON := fs.Bool("json", false, "print one JSON document (for scripts) instead of tables")
 	watch := fs.Bool("watch", false, "refresh until interrupted, with a progress bar and ETA for the backlog")
 	interval := fs.Duration("interval", 2*time.Second, "refresh interval of --watch")
-	untilDrained := fs.Bool("until-drained", false, "with --watch: exit 0 once work has appeared and nothing is pending or processing")
+	untilDrained := fs.Bool("until-drained", false, "watch (implies --watch) and exit 0 once work has appeared and nothing is pending or processing")
 	waitForWork := fs.Duration("wait-for-work", time.Minute, "with --until-drained: how long to wait for work to appear when there is none, then exit 1; 0 exits 0 at once")
 	deadMax := fs.Int("dead", 10, "how many of the latest dead letters to show")
 	hotMax := fs.Int("hot", 10, "how many hot resources (most conflicts in the last 24 hours) to show")
@@ -43,8 +43,8 @@ func cmdStatus(ctx context.Context, args []string, getenv func(string) string, s
 	switch {
 	case len(pos) > 0:
 		return fmt.Errorf("status: unexpected arguments %q", pos)
-	case *watch && *asJSON:
-		return fmt.Errorf("status: --watch and --json don't combine; run --json repeatedly instead")
+	case (*watch || *untilDrained) && *asJSON:
+		return fmt.Errorf("status: --watch and --until-drained don't combine with --json; run --json repeatedly instead")
 	case *interval < 100*time.Millisecond:
 		return fmt.Errorf("status: --interval must be at least 100ms, got %v", *interval)
 	case *deadMax < 0 || *deadMax > 1000:
@@ -61,7 +61,9 @@ func cmdStatus(ctx context.Context, args []string, getenv func(string) string, s
 	defer pool.Close()
 
 	limits := statusLimits{dead: *deadMax, hot: *hotMax}
-	if *watch {
+	// A script that asks to wait until drained means it: one snapshot and
+	// exit 0 would let it move on with the backlog still there.
+	if *watch || *untilDrained {
 		return watchStatus(ctx, pool, watchOpts{
 			stdout: stdout, interval: *interval, untilDrained: *untilDrained, waitForWork: *waitForWork, limits: limits, now: time.Now,
 		})

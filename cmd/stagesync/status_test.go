@@ -231,7 +231,9 @@ func TestStatusCommand(t *testing.T) {
 	t.Run("bad flags", func(t *testing.T) {
 		var out bytes.Buffer
 		err := run(t.Context(), []string{"status", "--watch", "--json", "--database-url", f.url}, getenv, &out)
-		require.EqualError(t, err, "status: --watch and --json don't combine; run --json repeatedly instead")
+		require.EqualError(t, err, "status: --watch and --until-drained don't combine with --json; run --json repeatedly instead")
+		err = run(t.Context(), []string{"status", "--until-drained", "--json", "--database-url", f.url}, getenv, &out)
+		require.EqualError(t, err, "status: --watch and --until-drained don't combine with --json; run --json repeatedly instead")
 		err = run(t.Context(), []string{"status", "--dead", "-1", "--database-url", f.url}, getenv, &out)
 		require.EqualError(t, err, "status: --dead must be between 0 and 1000, got -1")
 	})
@@ -440,7 +442,8 @@ func TestStatusWatchUntilDrainedWaitsForWorkAndNeverGoesBackwards(t *testing.T) 
 	out := &lockedBuffer{}
 	done := make(chan error, 1)
 	go func() {
-		done <- run(t.Context(), []string{"status", "--watch", "--interval", "100ms", "--until-drained", "--wait-for-work", "60s", "--database-url", dbURL},
+		// --until-drained alone implies --watch.
+		done <- run(t.Context(), []string{"status", "--interval", "100ms", "--until-drained", "--wait-for-work", "60s", "--database-url", dbURL},
 			func(string) string { return "" }, out)
 	}()
 	defer func() { t.Logf("watch output:\n%s", out.String()) }()
