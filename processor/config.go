@@ -4,11 +4,13 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -324,6 +326,19 @@ func expandEnv(n *yaml.Node, lookup func(string) string) {
 	}
 }
 
+// checkListen reports whether addr is a host:port a listener can bind,
+// so that check and run refuse the same addresses before anything starts.
+func checkListen(addr string) error {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("must be host:port, like 127.0.0.1:9090, got %q", addr)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+		return fmt.Errorf("port must be a number from 0 to 65535, got %q", port)
+	}
+	return nil
+}
+
 var targetNameRE = regexp.MustCompile(`^[a-z][a-z0-9_-]{0,62}$`)
 
 func (c *Config) validate(getenv func(string) string) error {
@@ -333,6 +348,9 @@ func (c *Config) validate(getenv func(string) string) error {
 	}
 	if c.Listen == "" {
 		c.Listen = "127.0.0.1:9090"
+	}
+	if err := checkListen(c.Listen); err != nil {
+		bad("listen", "%v", err)
 	}
 	switch c.LogFormat {
 	case "":

@@ -57,6 +57,8 @@ func TestParseConfigErrorsNameTheKey(t *testing.T) {
 		{"no conflict status", "    conflict_statuses: []\n", "line 5: targets.territory.conflict_statuses: must not be an empty list; leave the key out for the default"},
 		{"retention pause 0", "retention: {pause: 0s}\n", "line 5: retention.pause: must not be 0; leave the key out for the default"},
 		{"retention batch 0", "retention: {batch_size: 0}\n", "line 5: retention.batch_size: must not be 0"},
+		{"listen without a port", "listen: nope\n", "listen: must be host:port, like 127.0.0.1:9090, got \"nope\""},
+		{"listen with a bad port", "listen: 127.0.0.1:http2\n", "listen: port must be a number from 0 to 65535, got \"http2\""},
 		{"max_coalesce negative", "    max_coalesce: -1\n", "targets.territory.max_coalesce: must be between 1 and 10000, got -1"},
 		{"max_coalesce too big", "    max_coalesce: 10001\n", "targets.territory.max_coalesce: must be between 1 and 10000, got 10001"},
 		{"max_coalesce zero", "    max_coalesce: 0\n", "line 5: targets.territory.max_coalesce: must not be 0; leave the key out for the default"},

@@ -137,7 +137,13 @@ func ProbeTarget(ctx context.Context, client *http.Client, t *TargetConfig, reso
 				}
 			}
 			batch = ProbeResult{"batch ETag", ProbeOK, fmt.Sprintf("GET %s answered 200 with %d item(s) in %s", u, len(items), a.took)}
-			if resourceID != "" && found == 0 {
+			switch {
+			case resourceID == "":
+				// Asked for no id, the answer shows the endpoint answers, not
+				// that it gives ETags.
+				batch.Status = ProbeWarning
+				batch.Detail += ", asked for no id (none staged or stored yet): only reachability was checked; pass --resource ID"
+			case found == 0:
 				batch.Status = ProbeWarning
 				batch.Detail = fmt.Sprintf("GET %s answered 200 but without an ETag for %q", u, resourceID)
 			}

@@ -58,6 +58,13 @@ func check(ctx context.Context, o checkOpts) error {
 		return fmt.Errorf("check: the config is invalid; nothing else was checked")
 	}
 	add("", "config", processor.ProbeOK, fmt.Sprintf("%s: %d target(s): %s", o.configPath, len(cfg.Targets), strings.Join(cfg.TargetNames(), ", ")))
+	for _, v := range o.resources {
+		// A TARGET=ID for a target the config lacks is a typo that would
+		// otherwise leave its target probed with no id, silently.
+		if t, _, ok := strings.Cut(v, "="); ok && targetNameLike(t) && cfg.Targets[t] == nil {
+			add(t, "resource", processor.ProbeFailed, fmt.Sprintf("--resource %s: the config has no target %q (targets: %s)", v, t, strings.Join(cfg.TargetNames(), ", ")))
+		}
+	}
 
 	src := resolveDatabase(o.dbURL, cfg.DatabaseURL, o.getenv)
 	registered := map[string]db.TargetsRegisteredRow{}

@@ -145,6 +145,13 @@ func TestCheckWithoutRegistrationOrResourceOrValidConfig(t *testing.T) {
 	require.Regexp(t, "^FAILED not in stagesync.targets: the upstream's inserts fail until `stagesync targets sync --config [^`]+` \\(or run\\) registers it$", rows["territory registered"])
 	require.Equal(t, "skipped no resource id known for this target (none staged or stored yet): pass --resource ID", rows["territory item GET"])
 	require.Equal(t, "ok not refused (no 401 or 403)", rows["territory credential"])
+	require.Regexp(t, `^warning GET \S+ answered 200 with 0 item\(s\) in \S+, asked for no id \(none staged or stored yet\): only reachability was checked; pass --resource ID$`, rows["territory batch ETag"])
+
+	// A TARGET=ID naming a target the config lacks is a failure, not ignored.
+	out.Reset()
+	err = run(t.Context(), []string{"check", "--config", checkConfig(t, hs.URL, "/assignments/{id}"), "--database-url", dbURL, "--resource", "teritory=a-1"}, testGetenv, &out)
+	require.EqualError(t, err, "check: 2 of 8 checks failed")
+	require.Equal(t, `FAILED --resource teritory=a-1: the config has no target "teritory" (targets: territory)`, checkRows(t, out.String())["teritory resource"])
 
 	out.Reset()
 	bad := writeConfig(t, "targets:\n  territory:\n    base_url: "+hs.URL+"\n    item_path: /a/{id}\n    concurrency: many\n")
