@@ -65,6 +65,17 @@ func TestChangesRefusesAStatementWithOneBadRow(t *testing.T) {
 			wantMessage: "resource_id must not be empty or only spaces; got \"\u00a0\u3000\u200b\ufeff\"",
 		},
 		{
+			name: "a resource_id of invisible fillers", target: "territory", resourceID: "\u00ad\u2800\u3164", fields: `{"a": 1}`,
+			wantCode: "23514", wantConstraint: "changes_resource_id_not_empty",
+			wantMessage: "resource_id must not be empty or only spaces; got \"\u00ad\u2800\u3164\"",
+		},
+		{
+			// Shown as "1-CCA" by a terminal or a browser.
+			name: "a resource_id with a right-to-left override", target: "territory", resourceID: "\u202eACC-1", fields: `{"a": 1}`,
+			wantCode: "23514", wantConstraint: "changes_resource_id_no_bidi",
+			wantMessage: "resource_id must not contain bidi controls (U+202A-U+202E, U+2066-U+2069, U+200E, U+200F, U+061C): they reorder how it is shown; got \"\u202eACC-1\"",
+		},
+		{
 			name: "an unknown target", target: "teritory", resourceID: "r1", fields: `{"a": 1}`,
 			wantCode: "23503", wantConstraint: "changes_target_known",
 			wantMessage: `unknown target "teritory"; the configured targets are: billing, ledger, territory`,
