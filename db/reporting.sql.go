@@ -43,6 +43,35 @@ func (q *Queries) ChangesCountByStatus(ctx context.Context, db DBTX) ([]ChangesC
 	return items, nil
 }
 
+const changesMissing = `-- name: ChangesMissing :many
+SELECT u.id::bigint AS id
+FROM unnest($1::bigint[]) AS u (id)
+WHERE NOT EXISTS (SELECT 1 FROM stagesync.changes c WHERE c.id = u.id)
+ORDER BY u.id
+`
+
+// The ids among @ids that no change has (never staged, or removed by
+// retention), so that requeue --id can say so instead of moving 0 quietly.
+func (q *Queries) ChangesMissing(ctx context.Context, db DBTX, ids []int64) ([]int64, error) {
+	rows, err := db.Query(ctx, changesMissing, ids)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	items := []int64{}
+	for rows.Next() {
+		var id int64
+		if err := rows.Scan(&id); err != nil {
+			return nil, err
+		}
+		items = append(items, id)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	return items, nil
+}
+
 const conflictRatesSince = `-- name: ConflictRatesSince :many
 SELECT r.target::text AS target, r.hour::timestamptz AS hour,
        r.requests::bigint AS requests, r.conflicts::bigint AS conflicts,

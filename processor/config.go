@@ -459,7 +459,7 @@ func (t *TargetConfig) validate(getenv func(string) string) []keyError {
 		if t.Auth.Env == "" {
 			bad("auth.env", "is required: name the environment variable that holds the credential")
 		} else if t.authValue = getenv(t.Auth.Env); t.authValue == "" {
-			bad("auth.env", "environment variable %s is not set", t.Auth.Env)
+			bad("auth.env", "environment variable %s is not set, or empty", t.Auth.Env)
 		} else if !validHeaderValue(t.Auth.Prefix + t.authValue) {
 			// Caught here, or every request would fail at the transport
 			// and every change would end dead. The value is not echoed.

@@ -33,3 +33,11 @@ SELECT stagesync.requeue(
 -- name: RiverQueueDepth :many
 SELECT queue::text AS queue, state::text AS state, jobs::bigint AS jobs
 FROM stagesync.river_queue_depth();
+
+-- name: ChangesMissing :many
+-- The ids among @ids that no change has (never staged, or removed by
+-- retention), so that requeue --id can say so instead of moving 0 quietly.
+SELECT u.id::bigint AS id
+FROM unnest(@ids::bigint[]) AS u (id)
+WHERE NOT EXISTS (SELECT 1 FROM stagesync.changes c WHERE c.id = u.id)
+ORDER BY u.id;

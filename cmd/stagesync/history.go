@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -108,6 +109,9 @@ type historyReport struct {
 	// Limit of them; Omitted says how many earlier ones were left out.
 	Events  []historyEvent `json:"events"`
 	Omitted int            `json:"omitted_events"`
+	// TotalChanges counts the changes staged for the resource (or the one
+	// change), also those whose events --limit left out.
+	TotalChanges int `json:"total_changes"`
 }
 
 type historyChange struct {
@@ -198,6 +202,11 @@ func loadHistory(ctx context.Context, conn interface {
 			}
 			for _, e := range evs {
 				rep.Events = append(rep.Events, historyEvent{At: e.At, Event: e.Event, ChangeIDs: e.ChangeIDs, Method: e.Method, URL: e.URL, StatusCode: e.StatusCode, Outcome: e.Outcome, Detail: e.Detail})
+			}
+		}
+		for _, e := range rep.Events {
+			if e.Event == "staged" {
+				rep.TotalChanges++
 			}
 		}
 		if limit > 0 && len(rep.Events) > limit {
@@ -424,11 +433,14 @@ func compactJSON(raw json.RawMessage) string {
 	if json.Unmarshal(raw, &v) != nil {
 		return string(raw)
 	}
-	b, err := json.Marshal(v)
-	if err != nil {
+	// Shown to a person as staged: "a & b < c", not "a \u0026 b \u003c c".
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if enc.Encode(v) != nil {
 		return string(raw)
 	}
-	return string(b)
+	return strings.TrimSuffix(buf.String(), "\n")
 }
 
 func formatMillis(ms float64) string {
@@ -444,7 +456,11 @@ func writeHistoryText(w io.Writer, rep *historyReport) error {
 	if rep.ChangeID > 0 {
 		fmt.Fprintf(&b, "CHANGE #%d of %s\n", rep.ChangeID, res)
 	} else {
-		fmt.Fprintf(&b, "RESOURCE %s: %d change(s)\n", res, len(rep.Changes))
+		if len(rep.Changes) < rep.TotalChanges {
+			fmt.Fprintf(&b, "RESOURCE %s: %d change(s), %d of them in the events shown\n", res, rep.TotalChanges, len(rep.Changes))
+		} else {
+			fmt.Fprintf(&b, "RESOURCE %s: %d change(s)\n", res, len(rep.Changes))
+		}
 	}
 	for _, c := range rep.Changes {
 		state := c.Status

@@ -290,3 +290,23 @@ func TestHistoryFindsAResourceWhoseOnlyChangeSentNothing(t *testing.T) {
 	require.Contains(t, out.String(), fmt.Sprintf("#%d", id))
 	require.Contains(t, out.String(), "resource not found on the remote")
 }
+
+// With --limit the header still counts every change of the resource, and
+// staged values read as staged (no HTML escapes in a terminal).
+func TestHistoryLimitCountsEveryChangeAndShowsValuesAsStaged(t *testing.T) {
+	t.Parallel()
+	dbURL, pool := testDatabase(t)
+	insertTarget(t, pool, "alpha")
+	start := time.Now().Add(-time.Hour)
+	for i := range 5 {
+		insertFixture(t, pool, fixture{target: "alpha", resourceID: "r", status: "noop",
+			createdAt: start.Add(time.Duration(i) * time.Minute), finishedAt: start.Add(time.Duration(i)*time.Minute + time.Second)})
+	}
+	execSQL(t, pool, `UPDATE stagesync.changes SET fields = '{"note": "a & b < c"}'`)
+	var out bytes.Buffer
+	require.NoError(t, run(t.Context(), []string{"history", "--target", "alpha", "--resource", "r", "--limit", "2", "--database-url", dbURL}, func(string) string { return "" }, &out))
+	t.Logf("\n%s", out.String())
+	require.Contains(t, out.String(), "RESOURCE alpha/r: 5 change(s), 1 of them in the events shown\n")
+	require.Contains(t, out.String(), `{"note":"a & b < c"}`)
+	require.NotContains(t, out.String(), `\u003c`)
+}

@@ -13,7 +13,7 @@ import (
 func cmdMigrate(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
 	fs := newFlagSet(ctx, "migrate", stdout)
 	dbURL := fs.String("database-url", "", "PostgreSQL URL (default: the config's database_url, $DATABASE_URL, else the PG* variables as psql uses them)")
-	configPath := fs.String("config", "", "with up: also register this config's targets (as `targets sync` does)")
+	configPath := fs.String("config", "", "with up: also register this config's targets (as \"targets sync\" does)")
 	pos, err := parseFlags(fs, args)
 	if err != nil {
 		return err

@@ -17,7 +17,7 @@ import (
 
 func cmdRequeue(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
 	fs := newFlagSet(ctx, "requeue", stdout)
-	dbURL := fs.String("database-url", "", "PostgreSQL URL (default $DATABASE_URL, else the local server)")
+	dbURL := fs.String("database-url", "", "PostgreSQL URL (default $DATABASE_URL, else the PG* variables as psql uses them)")
 	var ids idList
 	fs.Var(&ids, "id", "change id to requeue; repeat the flag or give a comma-separated list")
 	target := fs.String("target", "", "only changes of this target")
@@ -78,6 +78,17 @@ func cmdRequeue(ctx context.Context, args []string, getenv func(string) string, 
 		// The function's own hint names its SQL parameter; here the flag.
 		if strings.HasPrefix(n.Message, "requeue: ") && strings.Contains(n.Message, "rejected") {
 			if _, err := fmt.Fprintf(stdout, "%s; add --include-rejected to requeue rejected changes too\n", n.Message); err != nil {
+				return err
+			}
+		}
+	}
+	if int(moved) < len(ids) {
+		missing, err := db.New().ChangesMissing(ctx, conn, ids)
+		if err != nil {
+			return fmt.Errorf("requeue: look up the ids that moved nothing: %w", err)
+		}
+		if len(missing) > 0 {
+			if _, err := fmt.Fprintf(stdout, "requeue: no change has id %s (never staged, or removed by retention)\n", joinIDs(missing, ", ")); err != nil {
 				return err
 			}
 		}

@@ -56,7 +56,12 @@ func TestRequeueCommandMovesRows(t *testing.T) {
 	out = requeue("--all")
 	require.Equal(t, "requeue: moved 0 dead changes back to pending (all)\n", out)
 
-	require.Equal(t, int64(5), countWhere(t, pool, `SELECT count(*) FROM stagesync.admin_actions WHERE action = 'requeue'`))
+	// An id no change has is named, not passed over.
+	out = requeue("--id", fmt.Sprintf("%d,999999,999998", b2))
+	require.Equal(t, fmt.Sprintf("requeue: moved 0 dead changes back to pending (ids %d,999999,999998)\n", b2)+
+		"requeue: no change has id 999998, 999999 (never staged, or removed by retention)\n", out)
+
+	require.Equal(t, int64(6), countWhere(t, pool, `SELECT count(*) FROM stagesync.admin_actions WHERE action = 'requeue'`))
 	require.Equal(t, int64(1), countWhere(t, pool, `SELECT count(*) FROM stagesync.admin_actions WHERE params @> '{"everything": true}'`),
 		"--all must reach the function as everything => true")
 	require.Equal(t, int64(4), countWhere(t, pool, `SELECT sum(affected) FROM stagesync.admin_actions`))
