@@ -32,7 +32,10 @@ type openChange struct {
 	carried  []string
 	attempts int32
 	// detail says which fields were dropped and why.
-	detail   string
+	detail string
+	// keptTheirs: a merge set some of its values aside (policy theirs), so
+	// it ends merged, not applied, when the rest is written.
+	keptTheirs bool
 	stagedAt time.Time // created_at: give_up_after counts from here
 }
 
@@ -148,6 +151,9 @@ func (rr *resourceRun) finishDetail(cs []openChange, status, errText, etag, deta
 	for _, c := range cs {
 		o := rr.outcome(c.id)
 		o.status, o.errText, o.etag = status, errText, etag
+		if status == statusApplied && c.keptTheirs {
+			o.status = statusMerged
+		}
 		o.detail = joinDetail(c.detail, detail)
 	}
 }
@@ -811,8 +817,54 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 	case a.t.isConflict(resp.status):
 		return a.retryLater(rr, remaining, resp)
 	default:
-		return a.refused(ctx, rr, remaining, resp, doubt)
+		return a.refusedMerged(ctx, rr, remaining, resp, m.decisions, cur.etag, doubt)
 	}
+}
+
+// refusedMerged handles a merged write the remote refused for good (a 4xx
+// other than a conflict, throttling or a refused credential; the rest is
+// retried as it is). The read before the merge already settled some of it:
+// a change whose every value the remote showed (its in-doubt write landed,
+// or a person set the same value) or a policy kept from the remote ends as
+// the read found it, never rejected for a value it does not carry. The
+// others go on without the fields the merge kept from the remote (sent
+// alone, they must not undo the merge's decision) and are split as any
+// refused write is, so only the culprit ends rejected.
+func (a *applier) refusedMerged(ctx context.Context, rr *resourceRun, remaining []openChange, resp response, decisions map[string]Decision, etag string, doubt *inDoubtWrite) bool {
+	if resp.notSent || resp.status == 0 || retryableStatus(resp.status) || credentialRefused(resp.status) {
+		return a.failure(rr, remaining, resp)
+	}
+	var shown, sent []openChange
+	for _, c := range remaining {
+		var kept []string
+		took := false
+		for f := range c.fields {
+			switch decisions[f] {
+			case TookOurs:
+				took = true
+			case KeptTheirs:
+				kept = append(kept, f)
+			}
+		}
+		if !took {
+			shown = append(shown, c)
+			continue
+		}
+		if len(kept) > 0 {
+			slices.Sort(kept)
+			c.fields = maps.Clone(c.fields)
+			parts := make([]string, len(kept))
+			for i, f := range kept {
+				delete(c.fields, f)
+				parts[i] = fmt.Sprintf("%s (policy %s)", f, a.t.policy(f))
+			}
+			c.detail = joinDetail(c.detail, "kept the remote's value for "+strings.Join(parts, ", "))
+			c.keptTheirs = true
+		}
+		sent = append(sent, c)
+	}
+	a.settle(rr, shown, decisions, etag, doubt)
+	return a.refused(ctx, rr, sent, resp, nil)
 }
 
 // strictFields are the fields whose folded value comes from a change the

@@ -1,10 +1,12 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -361,5 +363,58 @@ func TestOddAnswersGetClearWords(t *testing.T) {
 			}
 			require.Equal(t, "applied", rows[ids[1]].status, "other: got %s (last_error %q)", rows[ids[1]].status, rows[ids[1]].lastError)
 		})
+	}
+}
+
+// A merged write refused after a write in doubt was resolved costs only its
+// culprit: the in-doubt change, which landed (the read shows its value),
+// ends applied rather than rejected for a value it does not carry, and the
+// newer changes written with the merge are split so only the one with the
+// refused value is rejected.
+func TestRefusalAfterAResolvedDoubtCostsOnlyItsCulprit(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, remotesim.Options{ConflictStatus: 412})
+	h.sim.Put("acct", map[string]any{"status": "open", "owner": "seed"})
+	h.startProcessor(configYAML(nil, map[string]string{"max_attempts": "20"}))
+	h.insert(change{resource: "acct", fields: map[string]any{"note": "w1"}})
+	h.waitDrained(30 * time.Second)
+
+	var once sync.Once
+	var newer []int64
+	h.sim.SetHooks(remotesim.Hooks{AfterCommitFunc: func(context.Context, remotesim.Commit) {
+		once.Do(func() {
+			// The write of the first change landed; its answer is dropped.
+			// Newer changes arrive while it is in doubt, one with a value
+			// the remote refuses.
+			h.sim.SetFaults(remotesim.Faults{})
+			ids, err := h.tryInsert(
+				change{resource: "acct", fields: map[string]any{"prio": "p2"}},
+				change{resource: "acct", fields: map[string]any{"region": "INVALID"}},
+				change{resource: "acct", fields: map[string]any{"owner": "o4"}},
+			)
+			if err != nil {
+				t.Errorf("insert the newer changes: %v", err)
+			}
+			newer = ids
+		})
+	}})
+	h.sim.SetFaults(remotesim.Faults{DropAfterCommitRate: 1})
+	first := h.insert(change{resource: "acct", fields: map[string]any{"status": "s1"}})[0]
+	h.waitFor("the newer changes staged", 30*time.Second, func() bool {
+		return h.count(`SELECT count(*) FROM stagesync.changes WHERE id > $1`, first) == 3
+	})
+	h.waitDrained(30 * time.Second)
+	require.Len(t, newer, 3)
+
+	rows := h.changes(append([]int64{first}, newer...))
+	want := map[int64]string{first: "applied", newer[0]: "applied", newer[1]: "rejected", newer[2]: "applied"}
+	for id, st := range want {
+		require.Equal(t, st, rows[id].status, "change #%d: got %s; want %s (last_error %q)", id, rows[id].status, st, rows[id].lastError)
+	}
+	require.Contains(t, rows[newer[1]].lastError, "field region: value INVALID is not allowed")
+	require.Equal(t, 1, h.count(`SELECT count(*) FROM stagesync.attempts WHERE outcome = 'unknown'`), "the lost answer is in the audit")
+	h.requireRemote(map[string]map[string]any{"acct": {"status": "s1", "owner": "o4", "prio": "p2", "note": "w1"}})
+	for _, v := range h.apiVersions("acct") {
+		require.NotEqual(t, "INVALID", v.Written["region"])
 	}
 }
