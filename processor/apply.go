@@ -36,7 +36,7 @@ type openChange struct {
 	// keptTheirs: a merge set some of its values aside (policy theirs), so
 	// it ends merged, not applied, when the rest is written.
 	keptTheirs bool
-	stagedAt time.Time // created_at: give_up_after counts from here
+	stagedAt   time.Time // created_at: give_up_after counts from here
 }
 
 // resourceState is what stagesync knows of the remote resource.
