@@ -737,10 +737,9 @@ func (a *applier) refusesOwnETag(rr *resourceRun, live []openChange, sent string
 
 // mergeAndWrite resolves a conflict: three-way merge of base, ours and the
 // current representation, a merges row, then one immediate write with the
-// fresh ETag. A second conflict backs off through a scheduled retry job;
-// the stored base is left as it was, so the retry merges against it again
-// rather than mistaking the remote edit for the base. With doubt, the
-// merge follows the in-doubt rules (see merge).
+// fresh ETag. A second conflict backs off through a scheduled retry job,
+// which starts from what the read showed (see conflictedAgainState). With
+// doubt, the merge follows the in-doubt rules (see merge).
 func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []openChange, base mergeBase, cur response, doubt *inDoubtWrite) bool {
 	switch {
 	case cur.status == http.StatusNotFound:
@@ -815,7 +814,13 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 		a.succeed(rr, remaining, resp, curState, m.write, m.decisions, doubt)
 		return true
 	case a.t.isConflict(resp.status):
-		return a.retryLater(rr, remaining, resp)
+		// A change the read settled (its values there, or kept from the
+		// remote) ends now: a retry would merge it again against a person's
+		// newer edit and write its value over that edit.
+		rr.setState(conflictedAgainState(curState, base, m.decisions))
+		shown, sent := splitByRead(a.t, remaining, m.decisions)
+		a.settle(rr, shown, m.decisions, cur.etag, doubt)
+		return a.retryLater(rr, sent, resp)
 	default:
 		return a.refusedMerged(ctx, rr, remaining, resp, m.decisions, cur.etag, doubt)
 	}
@@ -834,7 +839,16 @@ func (a *applier) refusedMerged(ctx context.Context, rr *resourceRun, remaining 
 	if resp.notSent || resp.status == 0 || retryableStatus(resp.status) || credentialRefused(resp.status) {
 		return a.failure(rr, remaining, resp)
 	}
-	var shown, sent []openChange
+	shown, sent := splitByRead(a.t, remaining, decisions)
+	a.settle(rr, shown, decisions, etag, doubt)
+	return a.refused(ctx, rr, sent, resp, nil)
+}
+
+// splitByRead parts the changes of a merged write by what the read before
+// it settled: shown are those it wrote nothing for (every value already
+// there, or kept from the remote); sent the others, without the fields
+// the merge kept from the remote (marked keptTheirs, so they end merged).
+func splitByRead(t *TargetConfig, remaining []openChange, decisions map[string]Decision) (shown, sent []openChange) {
 	for _, c := range remaining {
 		var kept []string
 		took := false
@@ -856,15 +870,53 @@ func (a *applier) refusedMerged(ctx context.Context, rr *resourceRun, remaining 
 			parts := make([]string, len(kept))
 			for i, f := range kept {
 				delete(c.fields, f)
-				parts[i] = fmt.Sprintf("%s (policy %s)", f, a.t.policy(f))
+				parts[i] = fmt.Sprintf("%s (policy %s)", f, t.policy(f))
 			}
 			c.detail = joinDetail(c.detail, "kept the remote's value for "+strings.Join(parts, ", "))
 			c.keptTheirs = true
 		}
 		sent = append(sent, c)
 	}
-	a.settle(rr, shown, decisions, etag, doubt)
-	return a.refused(ctx, rr, sent, resp, nil)
+	return shown, sent
+}
+
+// conflictedAgainState is what stagesync keeps after a merged write
+// conflicted again (a person edited between the read and the write): the
+// read's ETag and document are the retry's base, so a field the read showed
+// already holding ours and a person changed since is seen as the person's
+// edit, not as ours against an older base (which would write ours over it,
+// with an If-Match already refused). A field the merge kept from the remote
+// keeps its older base: the upstream value set aside must lose again.
+func conflictedAgainState(cur resourceState, base mergeBase, decisions map[string]Decision) resourceState {
+	st := resourceState{etag: cur.etag, snapshot: maps.Clone(cur.snapshot), covers: maps.Clone(cur.covers)}
+	if st.snapshot == nil {
+		st.snapshot = map[string]any{}
+	}
+	for f, d := range decisions {
+		if d != KeptTheirs {
+			continue
+		}
+		v, has, known := base.get(f)
+		switch {
+		case !known:
+			if st.covers == nil {
+				st.covers = make(map[string]bool, len(st.snapshot))
+				for k := range st.snapshot {
+					st.covers[k] = true
+				}
+			}
+			delete(st.covers, f)
+			delete(st.snapshot, f)
+		case has:
+			st.snapshot[f] = v
+		default:
+			delete(st.snapshot, f)
+		}
+		if known && st.covers != nil {
+			st.covers[f] = true
+		}
+	}
+	return st
 }
 
 // strictFields are the fields whose folded value comes from a change the

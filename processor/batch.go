@@ -828,7 +828,11 @@ type scheduledRetry struct {
 }
 
 // retryJobs makes a round's retry jobs. Without batch writes each resource
-// gets a job of its own. With batch writes, resources due close together
+// gets a job of its own, except that resources due at the very same time
+// (the end of the target's pause, which throttling and a refused credential
+// give every waiting resource) share jobs of up to batch_size, so that
+// after the pause one batch ETag lookup serves them all rather than one
+// lookup each, and nothing is tried before its time. With batch writes, resources due close together
 // share a job (up to batch_size resources, scheduled at the latest of
 // their times), so that their writes travel in one batch again rather than
 // one job (and one small batch) each: above all the writes of a batch that
@@ -844,13 +848,22 @@ func retryJobs(t *TargetConfig, retries []scheduledRetry, now time.Time) []river
 		}
 	}
 	out := make([]river.InsertManyParams, 0, len(retries))
+	sorted := slices.SortedStableFunc(slices.Values(retries), func(a, b scheduledRetry) int { return a.at.Compare(b.at) })
 	if t.BatchWrite == nil {
-		for _, r := range retries {
-			out = append(out, job([]string{r.resourceID}, r.at))
+		for len(sorted) > 0 {
+			n := 1
+			for n < len(sorted) && n < t.BatchSize && sorted[n].at.Equal(sorted[0].at) {
+				n++
+			}
+			ids := make([]string, n)
+			for i, r := range sorted[:n] {
+				ids[i] = r.resourceID
+			}
+			out = append(out, job(ids, sorted[0].at))
+			sorted = sorted[n:]
 		}
 		return out
 	}
-	sorted := slices.SortedStableFunc(slices.Values(retries), func(a, b scheduledRetry) int { return a.at.Compare(b.at) })
 	for len(sorted) > 0 {
 		first := sorted[0]
 		until := first.at.Add(max(first.at.Sub(now), 0))

@@ -137,6 +137,19 @@ func TestThrottledBatchLookupSendsNothingUntilRetryAfter(t *testing.T) {
 	require.Equal(t, map[string]int{"applied": len(ids)}, counts, "status counts: got %v; want all applied", counts)
 	n := h.count(`SELECT max(attempts) FROM stagesync.changes`)
 	require.Equal(t, 1, n, "most attempts of a change: got %d; want 1", n)
+	// After the pause the resources are retried together: one batch lookup
+	// serves them (not one lookup, or GET, each).
+	lookups, gets := 0, 0
+	for _, r := range h.sim.Requests() {
+		switch {
+		case r.Method == http.MethodGet && r.Path == "/assignments":
+			lookups++
+		case r.Method == http.MethodGet:
+			gets++
+		}
+	}
+	require.LessOrEqual(t, lookups, 2, "batch lookups after the pause: got %d; want one (a job of 50 resources)", lookups)
+	require.Zero(t, gets, "single GETs: got %d; want none", gets)
 }
 
 // Throttling never uses up max_attempts: with max_attempts 1 and a remote
