@@ -320,9 +320,13 @@ func (p *Processor) cleanup(ctx context.Context, now, deadline time.Time) (*rete
 		}
 		return nil
 	}()
-	// What was deleted is recorded even when a later batch failed.
-	if rerr := p.recordRetention(context.WithoutCancel(ctx), rep); rerr != nil && err == nil {
-		err = rerr
+	// What was deleted is recorded even when a later batch failed; a run
+	// that found nothing to delete leaves no row (admin_actions would
+	// otherwise gain one every interval forever).
+	if rep.total() > 0 || rep.More {
+		if rerr := p.recordRetention(context.WithoutCancel(ctx), rep); rerr != nil && err == nil {
+			err = rerr
+		}
 	}
 	if err != nil {
 		return rep, err

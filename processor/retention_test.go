@@ -336,6 +336,12 @@ func TestRetentionDeletesInBatchesAndResumes(t *testing.T) {
 	require.Equal(t, 2, countOf(t, w.pool, "SELECT count(*) FROM stagesync.admin_actions WHERE action = 'retention'"))
 	require.Equal(t, 1, countOf(t, w.pool, `SELECT count(*) FROM stagesync.admin_actions
 		WHERE action = 'retention' AND params @> '{"more": true}' AND affected = 3`))
+
+	// A run with nothing to delete leaves no row.
+	rep, err = w.p.cleanup(t.Context(), w.now, w.now.Add(time.Hour))
+	require.NoError(t, err)
+	require.Zero(t, rep.total())
+	require.Equal(t, 2, countOf(t, w.pool, "SELECT count(*) FROM stagesync.admin_actions WHERE action = 'retention'"))
 }
 
 // Retention passes rows another transaction holds (a requeue moving a dead

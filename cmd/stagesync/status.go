@@ -128,11 +128,13 @@ type statusReport struct {
 }
 
 // tableSize is one table's size on disk (indexes and TOAST included) and
-// the planner's row estimate (-1 before the table was first analyzed).
+// the planner's row estimate.
 type tableSize struct {
-	Table         string `json:"table"`
-	Bytes         int64  `json:"bytes"`
-	EstimatedRows int64  `json:"estimated_rows"`
+	Table string `json:"table"`
+	Bytes int64  `json:"bytes"`
+	// EstimatedRows is PostgreSQL's estimate; nil (JSON null) before the
+	// table was first analysed, so that no script sums a -1.
+	EstimatedRows *int64 `json:"estimated_rows"`
 }
 
 // targetHealth is one registered target's pause (throttling applies to every
@@ -391,7 +393,11 @@ func collectStatus(ctx context.Context, tx pgx.Tx, now time.Time, limits statusL
 	}
 	rep.Tables = make([]tableSize, 0, len(tables))
 	for _, t := range tables {
-		rep.Tables = append(rep.Tables, tableSize{Table: t.TableName, Bytes: t.Bytes, EstimatedRows: t.EstimatedRows})
+		ts := tableSize{Table: t.TableName, Bytes: t.Bytes}
+		if t.EstimatedRows >= 0 {
+			ts.EstimatedRows = &t.EstimatedRows
+		}
+		rep.Tables = append(rep.Tables, ts)
 	}
 
 	if limits.dead > 0 {
@@ -982,9 +988,9 @@ func formatBytes(n int64) string {
 }
 
 // formatRows prints a row estimate, "-" when PostgreSQL has none yet.
-func formatRows(n int64) string {
-	if n < 0 {
+func formatRows(n *int64) string {
+	if n == nil {
 		return "-"
 	}
-	return strconv.FormatInt(n, 10)
+	return strconv.FormatInt(*n, 10)
 }
