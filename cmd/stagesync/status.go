@@ -511,7 +511,13 @@ func writeStatusText(w io.Writer, rep *statusReport) error {
 
 	fmt.Fprintf(w, "%-*s  %9s  %10s  %14s  %8s  %7s  %5s  %5s  %8s\n", tw, "LAST HOUR", "requests", "conflicts", "conflict rate", "applied", "merged", "noop", "dead", "rejected")
 	for _, h := range rep.LastHour {
-		fmt.Fprintf(w, "%-*s  %9d  %10d  %14s  %8d  %7d  %5d  %5d  %8d\n", tw, h.Target, h.Requests, h.Conflicts, formatPercent(h.ConflictRate),
+		// From the counts, as the alert section computes it: the stored
+		// rate is rounded, and rounding twice can show 14.1% beside 14.2%.
+		rate := h.ConflictRate
+		if h.Requests > 0 {
+			rate = float64(h.Conflicts) / float64(h.Requests)
+		}
+		fmt.Fprintf(w, "%-*s  %9d  %10d  %14s  %8d  %7d  %5d  %5d  %8d\n", tw, h.Target, h.Requests, h.Conflicts, formatPercent(rate),
 			h.Finished["applied"], h.Finished["merged"], h.Finished["noop"], h.Finished["dead"], h.Finished["rejected"])
 	}
 

@@ -510,3 +510,15 @@ func TestFormatBytesAndRows(t *testing.T) {
 	n := int64(42)
 	require.Equal(t, "42", formatRows(&n))
 }
+
+// The same counts read the same everywhere in status: 60 conflicts of 424
+// requests is 14.2% in the last-hour table as in the alert section (the
+// rounded stored rate, 0.1415, used to print 14.1%).
+func TestLastHourRateIsRoundedOnce(t *testing.T) {
+	t.Parallel()
+	var out bytes.Buffer
+	rep := &statusReport{LastHour: []lastHourRow{{Target: "territory", Requests: 424, Conflicts: 60, ConflictRate: 0.1415}}}
+	require.NoError(t, writeStatusText(&out, rep))
+	require.Contains(t, out.String(), "14.2%")
+	require.NotContains(t, out.String(), "14.1%")
+}
