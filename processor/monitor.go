@@ -234,7 +234,12 @@ func (p *Processor) checkConflicts(ctx context.Context) error {
 		case m.over[a.Target] && a.recovered():
 			m.over[a.Target] = false
 			if m.logs[a.Target] {
-				p.logger.InfoContext(ctx, "conflict rate back under the alert threshold", p.alertAttrs(ctx, a, false)...)
+				attrs := p.alertAttrs(ctx, a, false)
+				if a.Requests < ConflictAlertMinRequests {
+					// Quiet, not healed: the remote may be no calmer.
+					attrs = append(attrs, "reason", fmt.Sprintf("fewer than %d requests in the window to judge by", ConflictAlertMinRequests))
+				}
+				p.logger.InfoContext(ctx, "conflict rate back under the alert threshold", attrs...)
 			}
 		}
 	}

@@ -256,6 +256,7 @@ func TestOnlyTheOldestLiveProcessLogsTheAlert(t *testing.T) {
 	insertAttempts(t, pool, "t", "ok", 1000, 0, time.Minute)
 	both()
 	require.Len(t, bLogs.records(t, info), 1, "INFO lines of the second process after the recovery")
+	require.Nil(t, bLogs.records(t, info)[0]["reason"], "a recovery with requests to judge by gives no reason")
 	require.Empty(t, aLogs.records(t, info), "INFO lines of the stopped process")
 }
 
@@ -340,4 +341,23 @@ func TestFormatShareAndRate(t *testing.T) {
 	for r, want := range map[float64]string{0: "0/s", 0.44: "0.4/s", 12.34: "12.3/s", 1250.4: "1250/s"} {
 		require.Equal(t, want, formatPerSecond(r), "formatPerSecond(%v)", r)
 	}
+}
+
+// A target whose requests stopped is not called healed: the INFO line that
+// ends its alert says there were too few requests to judge by.
+func TestAlertEndedByQuietSaysSo(t *testing.T) {
+	t.Parallel()
+	pool := dbtest.NewPool(t)
+	p, logs := newMonitored(t, pool, true)
+	const warn, info = "conflict rate above the alert threshold", "conflict rate back under the alert threshold"
+	insertAttempts(t, pool, "t", "r", 40, 20, time.Minute)
+	require.NoError(t, p.checkConflicts(t.Context()))
+	require.Len(t, logs.records(t, warn), 1)
+
+	_, err := pool.Exec(t.Context(), `DELETE FROM stagesync.attempts`)
+	require.NoError(t, err)
+	require.NoError(t, p.checkConflicts(t.Context()))
+	lines := logs.records(t, info)
+	require.Len(t, lines, 1)
+	require.Equal(t, "fewer than 20 requests in the window to judge by", lines[0]["reason"])
 }
