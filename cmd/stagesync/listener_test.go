@@ -125,3 +125,20 @@ func TestListenerClosesIdleKeepAliveConnections(t *testing.T) {
 	require.ErrorIs(t, err, io.EOF, "got %v; want the server to close the idle connection", err)
 	require.False(t, errors.Is(err, os.ErrDeadlineExceeded))
 }
+
+// Served beyond loopback, the page and /metrics (no authentication of their
+// own) draw one WARN that says so; on loopback, none.
+func TestListenBeyondLoopbackWarns(t *testing.T) {
+	t.Parallel()
+	const warn = "served beyond this machine without authentication"
+	dbURL, pool := testDatabase(t)
+	_, hs := newSim(t, remotesim.Options{})
+	local := startServe(t, dbURL, pool, testConfig(t, hs.URL, ""))
+	require.NotContains(t, local.logs.String(), warn)
+	require.NoError(t, local.stop())
+
+	cfg := testConfig(t, hs.URL, "")
+	cfg.Listen = "0.0.0.0:0"
+	wide := startServe(t, dbURL, pool, cfg)
+	require.Contains(t, wide.logs.String(), warn)
+}

@@ -161,6 +161,12 @@ func serve(ctx context.Context, o serveOpts) error {
 	srvErr := make(chan error, 1)
 	go func() { srvErr <- srv.Serve(ln) }()
 	o.logger.InfoContext(ctx, "serving", "addr", ln.Addr().String())
+	if tcp, ok := ln.Addr().(*net.TCPAddr); ok && !tcp.IP.IsLoopback() {
+		// The page, /history and /metrics have no authentication of their
+		// own: they show resource ids, staged values and remote errors.
+		o.logger.WarnContext(ctx, "the status page, /history and /metrics are served beyond this machine without authentication; listen on 127.0.0.1 and put a proxy with authentication in front to share them",
+			"addr", ln.Addr().String())
+	}
 
 	every := o.sampleEvery
 	if every <= 0 {
