@@ -1,42 +1,70 @@
 package processor
 
 import (
-	"bytes"
-	"encoding/json"
-	"net/url"
+	"fmt"
+	"regexp"
 	"strings"
+	"sync"
 )
 
 // redacted replaces a credential wherever stagesync would store, log or
 // show it.
 const redacted = "[redacted]"
 
-// secretForms are the spellings of the target's credential a remote may
-// echo back: as sent, URL-escaped, and JSON-escaped. Values under 4 bytes
-// are left alone: they would blank out ordinary text, and nobody's
-// credential is that short.
-func (t *TargetConfig) secretForms() []string {
+// secretPattern matches the target's credential in every spelling a remote
+// may echo it in: as sent, URL-escaped (%XX, + for a space), and
+// JSON-escaped in any of JSON's ways, mixed freely (\/ for /, \u002B for
+// +, \" and \\, upper or lower hex), since encoders differ (PHP escapes
+// /, .NET escapes +). nil for no credential, or one under 4 bytes: that
+// would blank out ordinary text, and nobody's credential is that short.
+func (t *TargetConfig) secretPattern() *regexp.Regexp {
 	v := t.authValue
 	if len(v) < 4 {
 		return nil
 	}
-	forms := []string{v}
-	add := func(f string) {
-		if f != "" && !strings.Contains(f, redacted) {
-			for _, have := range forms {
-				if have == f {
-					return
-				}
-			}
-			forms = append(forms, f)
+	if re, ok := secretPatterns.Load(v); ok {
+		return re.(*regexp.Regexp)
+	}
+	var b strings.Builder
+	for _, r := range v {
+		alts := []string{regexp.QuoteMeta(string(r))}
+		if r < 0x10000 {
+			alts = append(alts, `\\u`+anyCaseHex(fmt.Sprintf("%04x", r)))
+		}
+		for _, c := range []byte(string(r)) {
+			alts = append(alts, "%"+anyCaseHex(fmt.Sprintf("%02x", c)))
+		}
+		switch r {
+		case '/':
+			alts = append(alts, `\\/`)
+		case '"':
+			alts = append(alts, `\\"`)
+		case '\\':
+			alts = append(alts, `\\\\`)
+		case ' ':
+			alts = append(alts, `\+`)
+		}
+		b.WriteString("(?:" + strings.Join(alts, "|") + ")")
+	}
+	re := regexp.MustCompile(b.String())
+	secretPatterns.Store(v, re)
+	return re
+}
+
+// secretPatterns caches secretPattern by credential.
+var secretPatterns sync.Map
+
+// anyCaseHex matches hex digits in either case: \u002b and \u002B alike.
+func anyCaseHex(h string) string {
+	var b strings.Builder
+	for _, c := range h {
+		if c >= 'a' && c <= 'f' {
+			b.WriteString("[" + string(c) + strings.ToUpper(string(c)) + "]")
+		} else {
+			b.WriteRune(c)
 		}
 	}
-	add(url.QueryEscape(v))
-	add(url.PathEscape(v))
-	if b, err := json.Marshal(v); err == nil {
-		add(string(b[1 : len(b)-1]))
-	}
-	return forms
+	return b.String()
 }
 
 // redact replaces the target's credential in s. Remote answers pass
@@ -44,8 +72,8 @@ func (t *TargetConfig) secretForms() []string {
 // echoes the Authorization header never reaches attempts or change rows,
 // snapshots, merges, logs or the status page.
 func (t *TargetConfig) redact(s string) string {
-	for _, f := range t.secretForms() {
-		s = strings.ReplaceAll(s, f, redacted)
+	if re := t.secretPattern(); re != nil {
+		return re.ReplaceAllLiteralString(s, redacted)
 	}
 	return s
 }
@@ -54,10 +82,8 @@ func (t *TargetConfig) redact(s string) string {
 // replacement is plain text, so a JSON string that held the credential
 // stays a valid JSON string.
 func (t *TargetConfig) redactBytes(b []byte) []byte {
-	for _, f := range t.secretForms() {
-		if bytes.Contains(b, []byte(f)) {
-			b = bytes.ReplaceAll(b, []byte(f), []byte(redacted))
-		}
+	if re := t.secretPattern(); re != nil && re.Match(b) {
+		return re.ReplaceAllLiteral(b, []byte(redacted))
 	}
 	return b
 }
@@ -67,19 +93,11 @@ func (t *TargetConfig) redactBytes(b []byte) []byte {
 // ETag is never stored or sent back in If-Match: the stored form would be
 // the placeholder, which matches nothing, and the real one is a secret.
 func (t *TargetConfig) secretETag(etag string) bool {
-	forms := t.secretForms()
-	if len(forms) == 0 || etag == "" {
+	re := t.secretPattern()
+	if re == nil || etag == "" {
 		return false
 	}
-	if strings.Contains(etag, redacted) {
-		return true
-	}
-	for _, f := range forms {
-		if strings.Contains(etag, f) {
-			return true
-		}
-	}
-	return false
+	return strings.Contains(etag, redacted) || re.MatchString(etag)
 }
 
 // redactedField names the first field of snap (in key order) that a
@@ -87,7 +105,7 @@ func (t *TargetConfig) secretETag(etag string) bool {
 // than the fields set over it, or returns "". Only a target with a
 // credential can have redacted anything.
 func (t *TargetConfig) redactedField(snap, set map[string]any) string {
-	if len(t.secretForms()) == 0 {
+	if t.secretPattern() == nil {
 		return ""
 	}
 	for _, k := range sortedKeys(snap) {

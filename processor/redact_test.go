@@ -14,6 +14,10 @@ func TestRedactCoversTheFormsAnEchoMayUse(t *testing.T) {
 		{"as sent", `Authorization: Bearer tok/en+"<x>`, `Authorization: Bearer [redacted]`},
 		{"query-escaped", `url=?t=tok%2Fen%2B%22%3Cx%3E`, `url=?t=[redacted]`},
 		{"JSON-escaped", `{"auth":"tok/en+\"\u003cx\u003e"}`, `{"auth":"[redacted]"}`},
+		{"JSON with / escaped (PHP)", `{"auth":"tok\/en+\"<x>"}`, `{"auth":"[redacted]"}`},
+		{"JSON with + escaped (.NET), upper-case hex", `{"auth":"tok/en\u002B\"\u003Cx\u003E"}`, `{"auth":"[redacted]"}`},
+		{"every character escaped", `"\u0074\u006f\u006b\u002f\u0065\u006e\u002b\u0022\u003c\u0078\u003e"`, `"[redacted]"`},
+		{"query-escaped in lower case", `t=tok%2fen%2b%22%3cx%3e`, `t=[redacted]`},
 		{"unrelated text", `nothing to see`, `nothing to see`},
 	}
 	for _, tt := range tests {
