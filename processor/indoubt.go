@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"maps"
 	"net/http"
 	"slices"
 	"time"
@@ -229,7 +228,7 @@ func (a *applier) resolveInDoubt(ctx context.Context, rr *resourceRun, live []op
 	if d.Method != http.MethodDelete {
 		// The first write merges under the in-doubt rules; a delete that
 		// did not land is simply sent again with the fresh ETag.
-		rr.verify = &verification{doubt: d, base: doubtBase(d, prior, cur.body), cur: cur}
+		rr.verify = &verification{doubt: d, base: prior, cur: cur}
 	}
 	return live, true
 }
@@ -238,31 +237,6 @@ func (a *applier) resolveInDoubt(ctx context.Context, rr *resourceRun, live []op
 // answer was lost and which is now known to have landed.
 const mergedDoubtDetail = "written after a merge by an earlier request whose answer was lost; the remote shows its values (the merges row has the decisions)"
 
-// doubtBase is the merge base of the first write after a doubt resolved by
-// reading the resource (cur). A PATCH touched only the fields it sent:
-// those keep what stagesync knew before it (prior), so the in-doubt rules
-// can tell a person's edit from our write; every other field takes cur's
-// value, as a write with the fresh ETag would without a conflict, rather
-// than an unknown base that sends guarded fields to review. A PUT (or a
-// write that can't be read) may have touched every field: prior for all.
-func doubtBase(d *inDoubtWrite, prior mergeBase, cur map[string]any) mergeBase {
-	if d.Method != http.MethodPatch || cur == nil {
-		return prior
-	}
-	b := mergeBase{fields: maps.Clone(cur), unknown: map[string]bool{}}
-	for f := range d.Body {
-		v, has, known := prior.get(f)
-		switch {
-		case !known:
-			b.unknown[f] = true
-		case has:
-			b.fields[f] = v
-		default:
-			delete(b.fields, f)
-		}
-	}
-	return b
-}
 
 // carried returns the changes of live that the in-doubt write carried.
 func (w *inDoubtWrite) carried(live []openChange) []openChange {

@@ -44,14 +44,12 @@ type mergeBase struct {
 	fields map[string]any // nil: nothing known
 	// covers, when non-nil, lists the only fields fields speaks for.
 	covers map[string]bool
-	// unknown lists fields fields does not speak for (see doubtBase).
-	unknown map[string]bool
 }
 
 // get returns the base value of f, whether the field existed, and whether
 // the base of f is known at all.
 func (b mergeBase) get(f string) (v any, has, known bool) {
-	if b.fields == nil || b.covers != nil && !b.covers[f] || b.unknown[f] {
+	if b.fields == nil || b.covers != nil && !b.covers[f] {
 		return nil, false, false
 	}
 	v, has = b.fields[f]

@@ -64,51 +64,71 @@ func TestReplayOfAMergedWriteEndsMerged(t *testing.T) {
 	}
 }
 
-// A write in doubt resolved by a GET: the fields the in-doubt write did not
-// touch take the GET's values as their merge base. Here the stored
-// snapshot is unknown (it could not be kept), a PATCH of status is in
-// doubt, and a newer change sets owner (policy theirs) meanwhile. The GET
-// shows owner as nobody changed it since: the newer change is written,
-// not sent to review for an unknown base; the in-doubt change ends
-// applied, and the stored snapshot afterwards knows owner.
-func TestInDoubtResolvedByAGetGivesUntouchedFieldsABase(t *testing.T) {
+// A write in doubt resolved by a GET never hides a person's edit of a field
+// the in-doubt write did not touch: that field's merge base stays what
+// stagesync knew before (the GET's value could be the person's). A PATCH of
+// status is in doubt; meanwhile a person sets owner (policy manual) and a
+// newer change sets owner too. The newer change goes to review and the
+// person's value stays. With the stored base unknown (it could not be
+// kept), the same: a guarded field with an unknown base goes to review,
+// never a silent overwrite. The in-doubt change itself ends applied.
+func TestInDoubtResolvedByAGetNeverHidesAPersonsEdit(t *testing.T) {
 	t.Parallel()
-	h := newHarness(t, remotesim.Options{ConflictStatus: 412})
-	h.sim.Put("acct", map[string]any{"status": "open", "owner": "seed"})
-	h.startProcessor(configYAML(nil, map[string]string{"max_attempts": "20", "merge": "{default: ours, fields: {owner: theirs}}"}))
-	h.insert(change{resource: "acct", fields: map[string]any{"note": "w1"}})
-	h.waitDrained(30 * time.Second)
-	// The stored representation is lost (as one too large to keep): the
-	// ETag is known, the merge base is not.
-	_, err := h.pool.Exec(context.Background(), `UPDATE stagesync.resources SET snapshot = NULL WHERE resource_id = 'acct'`)
-	require.NoError(t, err)
-
-	var newer int64
-	var once sync.Once
-	h.sim.SetHooks(remotesim.Hooks{AfterCommitFunc: func(context.Context, remotesim.Commit) {
-		once.Do(func() {
-			h.sim.SetFaults(remotesim.Faults{})
-			ids, err := h.tryInsert(change{resource: "acct", fields: map[string]any{"owner": "crm-owner"}})
-			if err != nil {
-				t.Errorf("insert the newer change: %v", err)
-				return
+	for _, tc := range []struct {
+		name        string
+		personEdits bool
+		loseBase    bool
+	}{
+		{name: "a person edits owner while the write is in doubt", personEdits: true},
+		{name: "the stored base is unknown", loseBase: true},
+	} {
+		t.Run(strings.ReplaceAll(tc.name, " ", "_"), func(t *testing.T) {
+			t.Parallel()
+			h := newHarness(t, remotesim.Options{ConflictStatus: 412})
+			h.sim.Put("acct", map[string]any{"status": "open", "owner": "seed"})
+			h.startProcessor(configYAML(nil, map[string]string{"max_attempts": "20", "merge": "{default: ours, fields: {owner: manual}}"}))
+			h.insert(change{resource: "acct", fields: map[string]any{"note": "w1"}})
+			h.waitDrained(30 * time.Second)
+			if tc.loseBase {
+				// As one too large to keep: the ETag is known, the base is not.
+				_, err := h.pool.Exec(context.Background(), `UPDATE stagesync.resources SET snapshot = NULL WHERE resource_id = 'acct'`)
+				require.NoError(t, err)
 			}
-			newer = ids[0]
-		})
-	}})
-	h.sim.SetFaults(remotesim.Faults{DropAfterCommitRate: 1})
-	doubted := h.insert(change{resource: "acct", fields: map[string]any{"status": "crm"}})[0]
-	h.waitFor("the newer change staged", 30*time.Second, func() bool { return h.count(`SELECT count(*) FROM stagesync.changes`) == 3 })
-	h.waitDrained(30 * time.Second)
 
-	rows := h.changes([]int64{doubted, newer})
-	require.Equal(t, "applied", rows[doubted].status, "the in-doubt change (last_error %q)", rows[doubted].lastError)
-	require.NotEqual(t, "dead", rows[newer].status, "the newer change: got dead (%q); want it written: the GET is the base of owner", rows[newer].lastError)
-	h.requireRemote(map[string]map[string]any{"acct": {"status": "crm", "owner": "crm-owner", "note": "w1"}})
-	var owner string
-	require.NoError(t, h.pool.QueryRow(context.Background(), `SELECT coalesce(snapshot->>'owner', '') FROM stagesync.resources WHERE resource_id = 'acct'`).Scan(&owner))
-	require.Equal(t, "crm-owner", owner, "stored snapshot's owner after the resolution")
-	require.Positive(t, h.count(`SELECT count(*) FROM stagesync.attempts WHERE method = 'PATCH' AND outcome = 'unknown'`), "the dropped answer's attempts row")
+			var newer int64
+			var once sync.Once
+			h.sim.SetHooks(remotesim.Hooks{AfterCommitFunc: func(context.Context, remotesim.Commit) {
+				once.Do(func() {
+					h.sim.SetFaults(remotesim.Faults{})
+					if tc.personEdits {
+						h.sim.Edit("acct", map[string]any{"owner": "person"}, "other-user")
+					}
+					ids, err := h.tryInsert(change{resource: "acct", fields: map[string]any{"owner": "crm-owner"}})
+					if err != nil {
+						t.Errorf("insert the newer change: %v", err)
+						return
+					}
+					newer = ids[0]
+				})
+			}})
+			h.sim.SetFaults(remotesim.Faults{DropAfterCommitRate: 1})
+			doubted := h.insert(change{resource: "acct", fields: map[string]any{"status": "crm"}})[0]
+			h.waitFor("the newer change staged", 30*time.Second, func() bool { return h.count(`SELECT count(*) FROM stagesync.changes`) == 3 })
+			h.waitDrained(30 * time.Second)
+
+			rows := h.changes([]int64{doubted, newer})
+			require.Equal(t, "applied", rows[doubted].status, "the in-doubt change (last_error %q)", rows[doubted].lastError)
+			require.Equal(t, "dead", rows[newer].status, "the newer change: got %s (%q); want review", rows[newer].status, rows[newer].lastError)
+			require.Contains(t, rows[newer].lastError, "needs_review")
+			wantOwner := "seed"
+			if tc.personEdits {
+				wantOwner = "person"
+			}
+			got, _, _ := h.sim.Get("acct")
+			require.Equal(t, wantOwner, got["owner"], "remote owner")
+			require.Positive(t, h.count(`SELECT count(*) FROM stagesync.attempts WHERE method = 'PATCH' AND outcome = 'unknown'`), "the dropped answer's attempts row")
+		})
+	}
 }
 
 // A write in doubt counts for its fields before any older change: a change
