@@ -237,7 +237,6 @@ func (a *applier) resolveInDoubt(ctx context.Context, rr *resourceRun, live []op
 // answer was lost and which is now known to have landed.
 const mergedDoubtDetail = "written after a merge by an earlier request whose answer was lost; the remote shows its values (the merges row has the decisions)"
 
-
 // carried returns the changes of live that the in-doubt write carried.
 func (w *inDoubtWrite) carried(live []openChange) []openChange {
 	var open []openChange
