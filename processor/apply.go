@@ -822,7 +822,7 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 		a.settle(rr, shown, m.decisions, cur.etag, doubt)
 		return a.retryLater(rr, sent, resp)
 	default:
-		return a.refusedMerged(ctx, rr, remaining, resp, m.decisions, cur.etag, doubt)
+		return a.refusedMerged(ctx, rr, remaining, resp, m.decisions, base, cur, doubt)
 	}
 }
 
@@ -835,13 +835,33 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 // others go on without the fields the merge kept from the remote (sent
 // alone, they must not undo the merge's decision) and are split as any
 // refused write is, so only the culprit ends rejected.
-func (a *applier) refusedMerged(ctx context.Context, rr *resourceRun, remaining []openChange, resp response, decisions map[string]Decision, etag string, doubt *inDoubtWrite) bool {
+func (a *applier) refusedMerged(ctx context.Context, rr *resourceRun, remaining []openChange, resp response, decisions map[string]Decision, base mergeBase, cur response, doubt *inDoubtWrite) bool {
 	if resp.notSent || resp.status == 0 || retryableStatus(resp.status) || credentialRefused(resp.status) {
 		return a.failure(rr, remaining, resp)
 	}
 	shown, sent := splitByRead(a.t, remaining, decisions)
-	a.settle(rr, shown, decisions, etag, doubt)
-	return a.refused(ctx, rr, sent, resp, nil)
+	a.settle(rr, shown, decisions, cur.etag, doubt)
+	if doubt == nil || !splittable(sent, resp) {
+		return a.refused(ctx, rr, sent, resp, nil)
+	}
+	// After a doubt, a change the in-doubt write carried is judged alone by
+	// the in-doubt rules (its own value against what the read showed; a
+	// newer change's value decided the combined write), never sent alone as
+	// if nothing were in doubt: the read may show a person's edit made after
+	// it landed. The others are split as any refused write is.
+	for _, c := range sent {
+		var done bool
+		if slices.Contains(doubt.ChangeIDs, c.id) {
+			done = a.mergeAndWrite(ctx, rr, []openChange{c}, base, cur, doubt)
+		} else {
+			done = a.update(ctx, rr, []openChange{c})
+		}
+		if !done {
+			// It waits for a retry: the later ones must not overtake it.
+			return false
+		}
+	}
+	return true
 }
 
 // splitByRead parts the changes of a merged write by what the read before

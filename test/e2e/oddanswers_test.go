@@ -418,3 +418,57 @@ func TestRefusalAfterAResolvedDoubtCostsOnlyItsCulprit(t *testing.T) {
 		require.NotEqual(t, "INVALID", v.Written["region"])
 	}
 }
+
+// The split of a refused write after a resolved doubt never sends the
+// in-doubt change alone as if nothing were in doubt: its write landed, a
+// person then changed the field, and a newer change of the same field (with
+// a value the remote refuses) decided the combined write. The in-doubt
+// change is judged by the in-doubt rules (the person's edit is never
+// overwritten: review), the newer one is rejected, and the person's value
+// stays; no API write repeats the in-doubt value.
+func TestSplitAfterADoubtKeepsTheInDoubtRules(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, remotesim.Options{ConflictStatus: 412})
+	h.sim.Put("acct", map[string]any{"status": "open", "owner": "seed"})
+	h.startProcessor(configYAML(nil, map[string]string{"max_attempts": "20"}))
+	h.insert(change{resource: "acct", fields: map[string]any{"note": "w1"}})
+	h.waitDrained(30 * time.Second)
+
+	var once sync.Once
+	var newer []int64
+	h.sim.SetHooks(remotesim.Hooks{AfterCommitFunc: func(context.Context, remotesim.Commit) {
+		once.Do(func() {
+			h.sim.SetFaults(remotesim.Faults{})
+			h.sim.Edit("acct", map[string]any{"status": "X"}, "person")
+			ids, err := h.tryInsert(change{resource: "acct", fields: map[string]any{"status": "s2", "region": "INVALID"}},
+				change{resource: "acct", fields: map[string]any{"prio": "p3"}})
+			if err != nil {
+				t.Errorf("insert the newer changes: %v", err)
+			}
+			newer = ids
+		})
+	}})
+	h.sim.SetFaults(remotesim.Faults{DropAfterCommitRate: 1})
+	first := h.insert(change{resource: "acct", fields: map[string]any{"status": "s1"}})[0]
+	h.waitFor("the newer changes staged", 30*time.Second, func() bool {
+		return h.count(`SELECT count(*) FROM stagesync.changes WHERE id > $1`, first) == 2
+	})
+	h.waitDrained(30 * time.Second)
+	require.Len(t, newer, 2)
+
+	rows := h.changes(append([]int64{first}, newer...))
+	require.Equal(t, "dead", rows[first].status, "in-doubt change (last_error %q)", rows[first].lastError)
+	require.Contains(t, rows[first].lastError, "needs_review")
+	require.Equal(t, "rejected", rows[newer[0]].status, "the change with the refused value (last_error %q)", rows[newer[0]].lastError)
+	require.Equal(t, "applied", rows[newer[1]].status, "the other newer change (last_error %q)", rows[newer[1]].lastError)
+	got, _, _ := h.sim.Get("acct")
+	require.Equal(t, "X", got["status"], "the person's edit was overwritten")
+	require.Equal(t, "p3", got["prio"])
+	n := 0
+	for _, v := range h.apiVersions("acct") {
+		if v.Written["status"] == "s1" {
+			n++
+		}
+	}
+	require.Equal(t, 1, n, "API writes of status s1: got %d; want 1 (the write that landed)", n)
+}
