@@ -95,25 +95,13 @@ func TestInDoubtResolvedByAGetNeverHidesAPersonsEdit(t *testing.T) {
 				require.NoError(t, err)
 			}
 
-			var newer int64
-			var once sync.Once
-			h.sim.SetHooks(remotesim.Hooks{AfterCommitFunc: func(context.Context, remotesim.Commit) {
-				once.Do(func() {
-					h.sim.SetFaults(remotesim.Faults{})
-					if tc.personEdits {
-						h.sim.Edit("acct", map[string]any{"owner": "person"}, "other-user")
-					}
-					ids, err := h.tryInsert(change{resource: "acct", fields: map[string]any{"owner": "crm-owner"}})
-					if err != nil {
-						t.Errorf("insert the newer change: %v", err)
-						return
-					}
-					newer = ids[0]
-				})
-			}})
-			h.sim.SetFaults(remotesim.Faults{DropAfterCommitRate: 1})
-			doubted := h.insert(change{resource: "acct", fields: map[string]any{"status": "crm"}})[0]
-			h.waitFor("the newer change staged", 30*time.Second, func() bool { return h.count(`SELECT count(*) FROM stagesync.changes`) == 3 })
+			var meanwhile func()
+			if tc.personEdits {
+				meanwhile = func() { h.sim.Edit("acct", map[string]any{"owner": "person"}, "other-user") }
+			}
+			doubted, ids := h.inDoubtThen(change{resource: "acct", fields: map[string]any{"status": "crm"}}, meanwhile,
+				change{resource: "acct", fields: map[string]any{"owner": "crm-owner"}})
+			newer := ids[0]
 			h.waitDrained(30 * time.Second)
 
 			rows := h.changes([]int64{doubted, newer})

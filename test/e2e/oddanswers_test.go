@@ -379,32 +379,15 @@ func TestRefusalAfterAResolvedDoubtCostsOnlyItsCulprit(t *testing.T) {
 	h.insert(change{resource: "acct", fields: map[string]any{"note": "w1"}})
 	h.waitDrained(30 * time.Second)
 
-	var once sync.Once
-	var newer []int64
-	h.sim.SetHooks(remotesim.Hooks{AfterCommitFunc: func(context.Context, remotesim.Commit) {
-		once.Do(func() {
-			// The write of the first change landed; its answer is dropped.
-			// Newer changes arrive while it is in doubt, one with a value
-			// the remote refuses.
-			h.sim.SetFaults(remotesim.Faults{})
-			ids, err := h.tryInsert(
-				change{resource: "acct", fields: map[string]any{"prio": "p2"}},
-				change{resource: "acct", fields: map[string]any{"region": "INVALID"}},
-				change{resource: "acct", fields: map[string]any{"owner": "o4"}},
-			)
-			if err != nil {
-				t.Errorf("insert the newer changes: %v", err)
-			}
-			newer = ids
-		})
-	}})
-	h.sim.SetFaults(remotesim.Faults{DropAfterCommitRate: 1})
-	first := h.insert(change{resource: "acct", fields: map[string]any{"status": "s1"}})[0]
-	h.waitFor("the newer changes staged", 30*time.Second, func() bool {
-		return h.count(`SELECT count(*) FROM stagesync.changes WHERE id > $1`, first) == 3
-	})
+	// The write of the first change lands and its answer is dropped;
+	// newer changes arrive while it is in doubt, one with a value the
+	// remote refuses.
+	first, newer := h.inDoubtThen(change{resource: "acct", fields: map[string]any{"status": "s1"}}, nil,
+		change{resource: "acct", fields: map[string]any{"prio": "p2"}},
+		change{resource: "acct", fields: map[string]any{"region": "INVALID"}},
+		change{resource: "acct", fields: map[string]any{"owner": "o4"}},
+	)
 	h.waitDrained(30 * time.Second)
-	require.Len(t, newer, 3)
 
 	rows := h.changes(append([]int64{first}, newer...))
 	want := map[int64]string{first: "applied", newer[0]: "applied", newer[1]: "rejected", newer[2]: "applied"}
@@ -434,27 +417,12 @@ func TestSplitAfterADoubtKeepsTheInDoubtRules(t *testing.T) {
 	h.insert(change{resource: "acct", fields: map[string]any{"note": "w1"}})
 	h.waitDrained(30 * time.Second)
 
-	var once sync.Once
-	var newer []int64
-	h.sim.SetHooks(remotesim.Hooks{AfterCommitFunc: func(context.Context, remotesim.Commit) {
-		once.Do(func() {
-			h.sim.SetFaults(remotesim.Faults{})
-			h.sim.Edit("acct", map[string]any{"status": "X"}, "person")
-			ids, err := h.tryInsert(change{resource: "acct", fields: map[string]any{"status": "s2", "region": "INVALID"}},
-				change{resource: "acct", fields: map[string]any{"prio": "p3"}})
-			if err != nil {
-				t.Errorf("insert the newer changes: %v", err)
-			}
-			newer = ids
-		})
-	}})
-	h.sim.SetFaults(remotesim.Faults{DropAfterCommitRate: 1})
-	first := h.insert(change{resource: "acct", fields: map[string]any{"status": "s1"}})[0]
-	h.waitFor("the newer changes staged", 30*time.Second, func() bool {
-		return h.count(`SELECT count(*) FROM stagesync.changes WHERE id > $1`, first) == 2
-	})
+	first, newer := h.inDoubtThen(change{resource: "acct", fields: map[string]any{"status": "s1"}},
+		func() { h.sim.Edit("acct", map[string]any{"status": "X"}, "person") },
+		change{resource: "acct", fields: map[string]any{"status": "s2", "region": "INVALID"}},
+		change{resource: "acct", fields: map[string]any{"prio": "p3"}},
+	)
 	h.waitDrained(30 * time.Second)
-	require.Len(t, newer, 2)
 
 	rows := h.changes(append([]int64{first}, newer...))
 	require.Equal(t, "dead", rows[first].status, "in-doubt change (last_error %q)", rows[first].lastError)
@@ -471,4 +439,34 @@ func TestSplitAfterADoubtKeepsTheInDoubtRules(t *testing.T) {
 		}
 	}
 	require.Equal(t, 1, n, "API writes of status s1: got %d; want 1 (the write that landed)", n)
+}
+
+// inDoubtThen stages first while the remote drops the answer of every write
+// it committed, so first's write lands and is in doubt. At that moment
+// meanwhile runs (if set) and newer is staged. It returns first's id and
+// newer's ids, once all are staged; the processor then resolves the doubt.
+func (h *harness) inDoubtThen(first change, meanwhile func(), newer ...change) (int64, []int64) {
+	h.t.Helper()
+	var once sync.Once
+	var newerIDs []int64
+	h.sim.SetHooks(remotesim.Hooks{AfterCommitFunc: func(context.Context, remotesim.Commit) {
+		once.Do(func() {
+			h.sim.SetFaults(remotesim.Faults{})
+			if meanwhile != nil {
+				meanwhile()
+			}
+			ids, err := h.tryInsert(newer...)
+			if err != nil {
+				h.t.Errorf("stage the newer changes: %v", err)
+			}
+			newerIDs = ids
+		})
+	}})
+	h.sim.SetFaults(remotesim.Faults{DropAfterCommitRate: 1})
+	firstID := h.insert(first)[0]
+	h.waitFor("the newer changes staged", 30*time.Second, func() bool {
+		return h.count(`SELECT count(*) FROM stagesync.changes WHERE id > $1`, firstID) == len(newer)
+	})
+	require.Len(h.t, newerIDs, len(newer))
+	return firstID, newerIDs
 }
