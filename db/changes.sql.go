@@ -98,7 +98,7 @@ func (q *Queries) ChangesGiveUp(ctx context.Context, db DBTX, arg ChangesGiveUpP
 }
 
 const changesListOpen = `-- name: ChangesListOpen :many
-SELECT id, resource_id, op, fields, attempts, created_at
+SELECT id, resource_id, op, fields, attempts, created_at, settled
 FROM stagesync.changes
 WHERE target = $1
   AND resource_id = ANY ($2::text[])
@@ -120,6 +120,7 @@ type ChangesListOpenRow struct {
 	Fields     []byte    `json:"fields"`
 	Attempts   int32     `json:"attempts"`
 	CreatedAt  time.Time `json:"created_at"`
+	Settled    []byte    `json:"settled"`
 }
 
 // The open changes of the locked resources, in the order they must apply,
@@ -142,6 +143,7 @@ func (q *Queries) ChangesListOpen(ctx context.Context, db DBTX, arg ChangesListO
 			&i.Fields,
 			&i.Attempts,
 			&i.CreatedAt,
+			&i.Settled,
 		); err != nil {
 			return nil, err
 		}
@@ -165,7 +167,11 @@ SET status = u.status,
     outcome_detail = CASE WHEN u.status IN ('pending', 'processing') THEN c.outcome_detail
                           ELSE nullif(u.outcome_detail, '') END,
     finished_at = CASE WHEN u.status IN ('pending', 'processing') THEN NULL ELSE now() END,
-    rejected_not_found = u.status = 'rejected' AND u.not_found
+    rejected_not_found = u.status = 'rejected' AND u.not_found,
+    -- Fields a read settled while the change stays open (see 00019).
+    settled = CASE WHEN u.status NOT IN ('pending', 'processing') THEN NULL
+                   WHEN u.settled = '' THEN c.settled
+                   ELSE u.settled::jsonb END
 FROM (
     SELECT unnest($1::bigint[]) AS id,
            unnest($2::text[]) AS status,
@@ -173,7 +179,8 @@ FROM (
            unnest($4::text[]) AS last_error,
            unnest($5::text[]) AS applied_etag,
            unnest($6::text[]) AS outcome_detail,
-           unnest($7::boolean[]) AS not_found
+           unnest($7::boolean[]) AS not_found,
+           unnest($8::text[]) AS settled
 ) AS u
 WHERE c.id = u.id
   AND c.status IN ('pending', 'processing')
@@ -187,6 +194,7 @@ type ChangesRecordParams struct {
 	AppliedETags   []string `json:"applied_etags"`
 	OutcomeDetails []string `json:"outcome_details"`
 	NotFounds      []bool   `json:"not_founds"`
+	Settled        []string `json:"settled"`
 }
 
 // Records the outcome of many changes in one statement: a terminal state,
@@ -204,6 +212,7 @@ func (q *Queries) ChangesRecord(ctx context.Context, db DBTX, arg ChangesRecordP
 		arg.AppliedETags,
 		arg.OutcomeDetails,
 		arg.NotFounds,
+		arg.Settled,
 	)
 	return err
 }

@@ -63,6 +63,7 @@ type Change struct {
 	AppliedETag      *string    `json:"applied_etag"`
 	OutcomeDetail    *string    `json:"outcome_detail"`
 	RejectedNotFound bool       `json:"rejected_not_found"`
+	Settled          []byte     `json:"settled"`
 }
 
 type ConflictRate struct {

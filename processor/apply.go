@@ -2,6 +2,7 @@ package processor
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"maps"
 	"math/rand/v2"
@@ -36,7 +37,11 @@ type openChange struct {
 	// keptTheirs: a merge set some of its values aside (policy theirs), so
 	// it ends merged, not applied, when the rest is written.
 	keptTheirs bool
-	stagedAt   time.Time // created_at: give_up_after counts from here
+	// settled are its fields a read already decided while it stayed open
+	// (changes.settled): already_equal or kept_theirs. They are not merged
+	// or written again.
+	settled  map[string]Decision
+	stagedAt time.Time // created_at: give_up_after counts from here
 }
 
 // resourceState is what stagesync knows of the remote resource.
@@ -89,6 +94,22 @@ type changeOutcome struct {
 	// superseded marks a change ended noop because a newer change had
 	// already decided it (see applier.live): it settles nothing.
 	superseded bool
+	// settled, for a change left open, are the fields a read decided
+	// (see openChange.settled); recorded in changes.settled.
+	settled map[string]Decision
+}
+
+// settledJSON is o.settled for changes.settled, or "" to keep what is
+// stored.
+func (o *changeOutcome) settledJSON() string {
+	if len(o.settled) == 0 {
+		return ""
+	}
+	b, err := json.Marshal(o.settled)
+	if err != nil {
+		return ""
+	}
+	return string(b)
 }
 
 // mergeRecord becomes one stagesync.merges row.
@@ -262,6 +283,12 @@ func (a *applier) live(rr *resourceRun) []openChange {
 			rr.outcome(c.id).superseded = true
 			continue
 		}
+		if len(c.settled) > 0 && c.op != "delete" {
+			var done bool
+			if c, done = rr.dropSettled(a.t, c); done {
+				continue
+			}
+		}
 		var dropped []string
 		if c.op != "delete" {
 			for f := range c.fields {
@@ -292,6 +319,57 @@ func (a *applier) live(rr *resourceRun) []openChange {
 		live = append(live, c)
 	}
 	return live
+}
+
+// dropSettled takes from c the fields a read already decided while it
+// stayed open (a merged write that conflicted again): they are not merged
+// again against a newer read, where a person's later edit would look like
+// something to undo. A change left with nothing ends as that read found it
+// (done).
+func (rr *resourceRun) dropSettled(t *TargetConfig, c openChange) (openChange, bool) {
+	fields := maps.Clone(c.fields)
+	var kept, there []string
+	for f, d := range c.settled {
+		if _, ok := fields[f]; !ok {
+			continue
+		}
+		switch d {
+		case KeptTheirs:
+			kept = append(kept, f)
+		case AlreadyEqual:
+			there = append(there, f)
+		default:
+			continue
+		}
+		delete(fields, f)
+	}
+	slices.Sort(kept)
+	slices.Sort(there)
+	var notes []string
+	if len(there) > 0 {
+		notes = append(notes, "the remote already held "+strings.Join(there, ", ")+" (read before a second conflict)")
+	}
+	if len(kept) > 0 {
+		parts := make([]string, len(kept))
+		for i, f := range kept {
+			parts[i] = fmt.Sprintf("%s (policy %s)", f, t.policy(f))
+		}
+		notes = append(notes, "kept the remote's value for "+strings.Join(parts, ", "))
+		c.keptTheirs = true
+	}
+	if len(notes) > 0 {
+		c.detail = joinDetail(c.detail, strings.Join(notes, "; "))
+	}
+	c.fields = fields
+	if len(fields) > 0 {
+		return c, false
+	}
+	status := statusNoop
+	if c.keptTheirs {
+		status = statusMerged
+	}
+	rr.finish([]openChange{c}, status, "", "")
+	return c, true
 }
 
 // doubtVersions is fieldVersions with the fields of the open changes the
@@ -820,6 +898,21 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 		rr.setState(conflictedAgainState(curState, base, m.decisions))
 		shown, sent := splitByRead(a.t, remaining, m.decisions)
 		a.settle(rr, shown, m.decisions, cur.etag, doubt)
+		// What the read decided of the others is kept for their retry.
+		for _, c := range remaining {
+			for f := range c.fields {
+				if d := m.decisions[f]; d == AlreadyEqual || d == KeptTheirs {
+					o := rr.outcome(c.id)
+					if o.settled == nil {
+						o.settled = maps.Clone(c.settled)
+						if o.settled == nil {
+							o.settled = map[string]Decision{}
+						}
+					}
+					o.settled[f] = d
+				}
+			}
+		}
 		return a.retryLater(rr, sent, resp)
 	default:
 		return a.refusedMerged(ctx, rr, remaining, resp, m.decisions, base, cur, doubt)

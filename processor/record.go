@@ -265,6 +265,7 @@ func (p *Processor) recordRuns(ctx context.Context, conn *pgxpool.Conn, t *Targe
 			changes.AppliedETags = append(changes.AppliedETags, etag)
 			changes.OutcomeDetails = append(changes.OutcomeDetails, cleanText(o.detail, maxErrorText))
 			changes.NotFounds = append(changes.NotFounds, o.notFound)
+			changes.Settled = append(changes.Settled, o.settledJSON())
 			if o.status != statusProcessing {
 				finished[o.status]++
 			}
@@ -550,6 +551,7 @@ func (p *Processor) recordUnrecordable(ctx context.Context, conn *pgxpool.Conn, 
 		changes.AppliedETags = append(changes.AppliedETags, "")
 		changes.OutcomeDetails = append(changes.OutcomeDetails, "")
 		changes.NotFounds = append(changes.NotFounds, false)
+		changes.Settled = append(changes.Settled, "")
 	}
 	inDoubt, err := doubt.encode()
 	if err != nil {

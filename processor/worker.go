@@ -317,6 +317,11 @@ func loadRuns(ctx context.Context, q *db.Queries, conn db.DBTX, t *TargetConfig,
 			continue
 		}
 		c.fields, c.carried = fields, slices.Sorted(maps.Keys(fields))
+		if len(r.Settled) > 0 {
+			// Written by stagesync itself (changes.settled); unreadable, it
+			// is only lost guidance: the fields merge again.
+			_ = json.Unmarshal(r.Settled, &c.settled)
+		}
 		cur.changes = append(cur.changes, c)
 	}
 

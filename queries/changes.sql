@@ -27,7 +27,7 @@ RETURNING c.id, c.target, c.resource_id,
 -- at most @max of them: a job works a deep backlog in rounds of bounded
 -- memory. A resource cut off by the limit gets its prefix now (in id
 -- order) and the rest next round.
-SELECT id, resource_id, op, fields, attempts, created_at
+SELECT id, resource_id, op, fields, attempts, created_at, settled
 FROM stagesync.changes
 WHERE target = @target
   AND resource_id = ANY (@resource_ids::text[])
@@ -53,7 +53,11 @@ SET status = u.status,
     outcome_detail = CASE WHEN u.status IN ('pending', 'processing') THEN c.outcome_detail
                           ELSE nullif(u.outcome_detail, '') END,
     finished_at = CASE WHEN u.status IN ('pending', 'processing') THEN NULL ELSE now() END,
-    rejected_not_found = u.status = 'rejected' AND u.not_found
+    rejected_not_found = u.status = 'rejected' AND u.not_found,
+    -- Fields a read settled while the change stays open (see 00019).
+    settled = CASE WHEN u.status NOT IN ('pending', 'processing') THEN NULL
+                   WHEN u.settled = '' THEN c.settled
+                   ELSE u.settled::jsonb END
 FROM (
     SELECT unnest(@ids::bigint[]) AS id,
            unnest(@statuses::text[]) AS status,
@@ -61,7 +65,8 @@ FROM (
            unnest(@last_errors::text[]) AS last_error,
            unnest(@applied_etags::text[]) AS applied_etag,
            unnest(@outcome_details::text[]) AS outcome_detail,
-           unnest(@not_founds::boolean[]) AS not_found
+           unnest(@not_founds::boolean[]) AS not_found,
+           unnest(@settled::text[]) AS settled
 ) AS u
 WHERE c.id = u.id
   AND c.status IN ('pending', 'processing');
