@@ -898,21 +898,9 @@ func (a *applier) mergeAndWrite(ctx context.Context, rr *resourceRun, live []ope
 		rr.setState(conflictedAgainState(curState, base, m.decisions))
 		shown, sent := splitByRead(a.t, remaining, m.decisions)
 		a.settle(rr, shown, m.decisions, cur.etag, doubt)
-		// What the read decided of the others is kept for their retry.
-		for _, c := range remaining {
-			for f := range c.fields {
-				if d := m.decisions[f]; d == AlreadyEqual || d == KeptTheirs {
-					o := rr.outcome(c.id)
-					if o.settled == nil {
-						o.settled = maps.Clone(c.settled)
-						if o.settled == nil {
-							o.settled = map[string]Decision{}
-						}
-					}
-					o.settled[f] = d
-				}
-			}
-		}
+		// What the read decided of the others is kept for their retry
+		// (from remaining: sent lacks the fields kept from the remote).
+		rr.noteSettled(remaining, m.decisions)
 		return a.retryLater(rr, sent, resp)
 	default:
 		return a.refusedMerged(ctx, rr, remaining, resp, m.decisions, base, cur, doubt)
@@ -934,27 +922,70 @@ func (a *applier) refusedMerged(ctx context.Context, rr *resourceRun, remaining 
 	}
 	shown, sent := splitByRead(a.t, remaining, decisions)
 	a.settle(rr, shown, decisions, cur.etag, doubt)
-	if doubt == nil || !splittable(sent, resp) {
-		return a.refused(ctx, rr, sent, resp, nil)
+	rr.noteSettled(remaining, decisions)
+	if !splittable(sent, resp) {
+		return a.failure(rr, sent, resp)
 	}
-	// After a doubt, a change the in-doubt write carried is judged alone by
-	// the in-doubt rules (its own value against what the read showed; a
-	// newer change's value decided the combined write), never sent alone as
-	// if nothing were in doubt: the read may show a person's edit made after
-	// it landed. The others are split as any refused write is.
-	for _, c := range sent {
-		var done bool
-		if slices.Contains(doubt.ChangeIDs, c.id) {
-			done = a.mergeAndWrite(ctx, rr, []openChange{c}, base, cur, doubt)
-		} else {
-			done = a.update(ctx, rr, []openChange{c})
+	// Nothing was written: the read is the remote's state, so the changes
+	// go alone with its ETag (not the one the remote refused before it), and
+	// the merge's decisions stand for its base.
+	rr.setState(conflictedAgainState(a.stateFrom(cur), base, decisions))
+	if doubt != nil {
+		// A change the in-doubt write carried is judged alone by the
+		// in-doubt rules first (its own value against what the read showed;
+		// a newer change's value decided the combined write): a person's
+		// edit after it landed sends it to review, and it is never sent
+		// alone as if nothing were in doubt.
+		var plain []openChange
+		for _, c := range sent {
+			if !slices.Contains(doubt.ChangeIDs, c.id) {
+				plain = append(plain, c)
+				continue
+			}
+			own := merge(a.t, base, c.fields, cur.body, doubt, strictFields([]openChange{c}, doubt))
+			if reason := reviewNeeded(c, own); reason != "" {
+				rr.finish([]openChange{c}, statusDead, reason, "")
+				rr.outcome(c.id).mayHaveLanded = true
+				continue
+			}
+			rr.noteSettled([]openChange{c}, own.decisions)
+			if shownAlone, sentAlone := splitByRead(a.t, []openChange{c}, own.decisions); len(sentAlone) == 0 {
+				a.settle(rr, shownAlone, own.decisions, cur.etag, doubt)
+			} else {
+				plain = append(plain, sentAlone...)
+			}
 		}
-		if !done {
+		sent = plain
+	}
+	for _, c := range sent {
+		if !a.update(ctx, rr, []openChange{c}) {
 			// It waits for a retry: the later ones must not overtake it.
 			return false
 		}
 	}
 	return true
+}
+
+// noteSettled keeps, for each open change of cs, what a read decided of its
+// fields (already there, or kept from the remote), so that its retry drops
+// them (changes.settled) rather than merge them again.
+func (rr *resourceRun) noteSettled(cs []openChange, decisions map[string]Decision) {
+	for _, c := range cs {
+		for f := range c.fields {
+			d := decisions[f]
+			if d != AlreadyEqual && d != KeptTheirs {
+				continue
+			}
+			o := rr.outcome(c.id)
+			if o.settled == nil {
+				o.settled = maps.Clone(c.settled)
+				if o.settled == nil {
+					o.settled = map[string]Decision{}
+				}
+			}
+			o.settled[f] = d
+		}
+	}
 }
 
 // splitByRead parts the changes of a merged write by what the read before

@@ -89,3 +89,68 @@ func TestPersonEditAfterTheReadIsNotRevertedByTheRetry(t *testing.T) {
 		})
 	}
 }
+
+// A combined write whose answer is lost (the remote refused it 422, a person
+// then edited owner, the connection dropped) is resolved by a read, merged
+// (owner kept from the person, policy theirs) and refused again; the split
+// then sends each change alone with the read's ETag and the ETag each write
+// leaves, so no change costs a conflict of stagesync's own making, only the
+// culprit is rejected, and the person's owner is never overwritten.
+func TestSplitAfterALostRefusalKeepsThePersonsEditAndFreshETags(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, remotesim.Options{ConflictStatus: 412})
+	h.sim.Put("acct", map[string]any{"owner": "seed", "tier": "t0"})
+	var mu sync.Mutex
+	var armed bool
+	front := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		drop := armed && r.Method == http.MethodPatch && r.URL.Path == "/assignments/acct"
+		armed = armed && !drop
+		mu.Unlock()
+		if !drop {
+			h.sim.ServeHTTP(w, r)
+			return
+		}
+		// The remote answers (422), a person edits owner, and the answer
+		// never reaches stagesync.
+		h.sim.ServeHTTP(httptest.NewRecorder(), r)
+		h.sim.Edit("acct", map[string]any{"owner": "P-person"}, "person")
+		conn, _, err := w.(http.Hijacker).Hijack()
+		if err == nil {
+			_ = conn.Close()
+		}
+	}))
+	t.Cleanup(front.Close)
+	h.env = map[string]string{"FRONT_URL": front.URL}
+	h.startProcessor(configYAML(nil, map[string]string{"base_url": "${FRONT_URL}", "max_attempts": "4",
+		"merge": "{default: ours, fields: {owner: theirs}}"}))
+	h.insert(change{resource: "acct", fields: map[string]any{"note": "w0"}})
+	h.waitDrained(30 * time.Second)
+
+	mu.Lock()
+	armed = true
+	mu.Unlock()
+	ids := h.insert(
+		change{resource: "acct", fields: map[string]any{"tier": "g1"}},
+		change{resource: "acct", fields: map[string]any{"region": "INVALID"}},
+		change{resource: "acct", fields: map[string]any{"color": "g3", "owner": "o3"}},
+	)
+	h.waitDrained(30 * time.Second)
+
+	rows := h.changes(ids)
+	require.Equal(t, "applied", rows[ids[0]].status, "tier (last_error %q)", rows[ids[0]].lastError)
+	require.Equal(t, "rejected", rows[ids[1]].status, "the culprit (last_error %q)", rows[ids[1]].lastError)
+	require.Contains(t, rows[ids[1]].lastError, "422")
+	require.Equal(t, "merged", rows[ids[2]].status, "color and owner (last_error %q)", rows[ids[2]].lastError)
+	got, _, _ := h.sim.Get("acct")
+	require.Equal(t, "P-person", got["owner"], "the person's owner was overwritten")
+	require.Equal(t, "g3", got["color"])
+	require.Equal(t, "g1", got["tier"])
+	conflicts := 0
+	for _, r := range h.sim.Requests() {
+		if r.Method == http.MethodPatch && r.Status == http.StatusPreconditionFailed {
+			conflicts++
+		}
+	}
+	require.Equal(t, 1, conflicts, "PATCHes answered 412: got %d; want 1 (the resend of the lost write)", conflicts)
+}
