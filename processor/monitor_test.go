@@ -361,3 +361,27 @@ func TestAlertEndedByQuietSaysSo(t *testing.T) {
 	require.Len(t, lines, 1)
 	require.Equal(t, "fewer than 20 requests in the window to judge by", lines[0]["reason"])
 }
+
+// A process that missed the notification of stagesync.lift_pause finds the
+// lift on its next poll (targets.pause_lifted_at) and sends again.
+func TestMissedLiftNotificationIsFoundByThePoll(t *testing.T) {
+	t.Parallel()
+	pool := dbtest.NewPool(t)
+	p, logs := newMonitored(t, pool, true)
+	ctx := t.Context()
+	require.NoError(t, p.applyPauses(ctx), "the first poll learns the lifts made before it")
+	g := p.remotes["t"].gate
+	g.pauseFromPeer(time.Now().Add(time.Hour), "401 Unauthorized: the remote refused the credential")
+	_, paused := g.paused()
+	require.True(t, paused)
+
+	// The operator lifts the pause; this process listens to nothing.
+	_, err := pool.Exec(ctx, `SELECT stagesync.lift_pause('t')`)
+	require.NoError(t, err)
+	require.NoError(t, p.applyPauses(ctx))
+	_, paused = g.paused()
+	require.False(t, paused, "the pause is still on after the poll")
+	require.Len(t, logs.records(t, "target pause lifted by an operator (stagesync.lift_pause): sending again"), 1)
+	_, paused = p.remotes["u"].gate.paused()
+	require.False(t, paused)
+}
