@@ -321,6 +321,17 @@ func (a *applier) live(rr *resourceRun) []openChange {
 	return live
 }
 
+// keptDetail is the outcome_detail of fields whose remote value a policy
+// kept over the change's.
+func keptDetail(t *TargetConfig, kept []string) string {
+	kept = slices.Sorted(slices.Values(kept))
+	parts := make([]string, len(kept))
+	for i, f := range kept {
+		parts[i] = fmt.Sprintf("%s (policy %s)", f, t.policy(f))
+	}
+	return "kept the remote's value for " + strings.Join(parts, ", ")
+}
+
 // dropSettled takes from c the fields a read already decided while it
 // stayed open (a merged write that conflicted again): they are not merged
 // again against a newer read, where a person's later edit would look like
@@ -350,11 +361,7 @@ func (rr *resourceRun) dropSettled(t *TargetConfig, c openChange) (openChange, b
 		notes = append(notes, "the remote already held "+strings.Join(there, ", ")+" (read before a second conflict)")
 	}
 	if len(kept) > 0 {
-		parts := make([]string, len(kept))
-		for i, f := range kept {
-			parts[i] = fmt.Sprintf("%s (policy %s)", f, t.policy(f))
-		}
-		notes = append(notes, "kept the remote's value for "+strings.Join(parts, ", "))
+		notes = append(notes, keptDetail(t, kept))
 		c.keptTheirs = true
 	}
 	if len(notes) > 0 {
@@ -511,7 +518,7 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 		}
 		return a.mergeAndWrite(ctx, rr, seg, st.base(), cur, nil)
 	default:
-		return a.refused(ctx, rr, seg, resp, nil)
+		return a.refused(ctx, rr, seg, resp)
 	}
 }
 
@@ -526,11 +533,17 @@ func (a *applier) update(ctx context.Context, rr *resourceRun, seg []openChange)
 // change refused alone is rejected as before. Statuses about the resource,
 // the method or the target (404, 405, 410, 415, 401, 403, 407) would only
 // be repeated, and a write in doubt is never re-cut: failure decides.
-func (a *applier) refused(ctx context.Context, rr *resourceRun, seg []openChange, resp response, doubt *inDoubtWrite) bool {
-	if !splittable(seg, resp) || doubt != nil || rr.inDoubt != nil {
+func (a *applier) refused(ctx context.Context, rr *resourceRun, seg []openChange, resp response) bool {
+	if !splittable(seg, resp) || rr.inDoubt != nil {
 		return a.failure(rr, seg, resp)
 	}
-	for _, c := range seg {
+	return a.oneByOne(ctx, rr, seg)
+}
+
+// oneByOne sends the changes alone, in id order, each by update's rules
+// with the state the one before left.
+func (a *applier) oneByOne(ctx context.Context, rr *resourceRun, cs []openChange) bool {
+	for _, c := range cs {
 		if !a.update(ctx, rr, []openChange{c}) {
 			// It waits for a retry: the later ones must not overtake it.
 			return false
@@ -616,7 +629,7 @@ func (a *applier) rewriteUnread(ctx context.Context, rr *resourceRun, seg []open
 		}
 		return a.mergeAndWrite(ctx, rr, seg, st.base(), cur, nil)
 	default:
-		return a.refused(ctx, rr, seg, resp, nil)
+		return a.refused(ctx, rr, seg, resp)
 	}
 }
 
@@ -957,13 +970,7 @@ func (a *applier) refusedMerged(ctx context.Context, rr *resourceRun, remaining 
 		}
 		sent = plain
 	}
-	for _, c := range sent {
-		if !a.update(ctx, rr, []openChange{c}) {
-			// It waits for a retry: the later ones must not overtake it.
-			return false
-		}
-	}
-	return true
+	return a.oneByOne(ctx, rr, sent)
 }
 
 // noteSettled keeps, for each open change of cs, what a read decided of its
@@ -1009,14 +1016,11 @@ func splitByRead(t *TargetConfig, remaining []openChange, decisions map[string]D
 			continue
 		}
 		if len(kept) > 0 {
-			slices.Sort(kept)
 			c.fields = maps.Clone(c.fields)
-			parts := make([]string, len(kept))
-			for i, f := range kept {
+			for _, f := range kept {
 				delete(c.fields, f)
-				parts[i] = fmt.Sprintf("%s (policy %s)", f, t.policy(f))
 			}
-			c.detail = joinDetail(c.detail, "kept the remote's value for "+strings.Join(parts, ", "))
+			c.detail = joinDetail(c.detail, keptDetail(t, kept))
 			c.keptTheirs = true
 		}
 		sent = append(sent, c)
@@ -1173,12 +1177,7 @@ func (a *applier) settle(rr *resourceRun, live []openChange, decisions map[strin
 			}
 			rr.finishDetail([]openChange{c}, statusApplied, "", "", "written by an earlier request whose answer was lost; the remote shows its values")
 		case len(kept) > 0:
-			slices.Sort(kept)
-			parts := make([]string, len(kept))
-			for i, f := range kept {
-				parts[i] = fmt.Sprintf("%s (policy %s)", f, a.t.policy(f))
-			}
-			rr.finishDetail([]openChange{c}, statusMerged, "", etag, "kept the remote's value for "+strings.Join(parts, ", "))
+			rr.finishDetail([]openChange{c}, statusMerged, "", etag, keptDetail(a.t, kept))
 		case took:
 			rr.finish([]openChange{c}, statusMerged, "", etag)
 		default:
